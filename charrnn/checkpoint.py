@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
 from pathlib import Path
 
 import torch
@@ -72,10 +72,11 @@ def load(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CharrnnError(f"checkpoint {path} was refused: it holds objects that are not plain data ({first}); "
+        found = re.search(r"Unsupported (?:global: GLOBAL|operand) ?\S*", str(e))
+        why = f" ({found.group(0).strip()})" if found else ""
+        raise CharrnnError(f"checkpoint {path} was refused: it holds objects that are not plain data{why}; "
                            f"only load checkpoints written by charrnn") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch's loader raises many types for a torn or foreign file
         raise CharrnnError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
                            f"use another checkpoint, e.g. the run's best.pt or last.pt") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

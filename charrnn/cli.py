@@ -52,8 +52,8 @@ def cmd_train(args) -> int:
     if run_dir is None:
         run_dir = Path("checkpoints") / Path(args.config).stem
     cfg = load_config(args.config, overrides, base=ckpt["config"] if ckpt else None)
-    print("resolved config:\n" + cfg.to_yaml(), file=sys.stderr)
     trainer = Trainer(cfg, run_dir, resume=ckpt, overwrite=args.overwrite, progress=not args.no_progress)
+    print("resolved config:\n" + cfg.to_yaml(), file=sys.stderr)
     trainer.fit()
     return 0
 

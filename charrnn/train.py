@@ -294,7 +294,7 @@ class Trainer:
             "rng": capture_rng(),
             "hidden": list(self.state) if self.state is not None else None,
             "metrics": {"best_val_loss": self.best_val, "val_loss": self.last_val},
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "device": str(self.device),
         }
 

@@ -53,7 +53,8 @@ class Vocab:
         """All characters of `text`, sorted; with `max_vocab`/`min_freq`, the rare ones share the UNK symbol."""
         counts = count_chars(text)
         kept = [c for c, n in counts.items() if n >= min_freq]
-        if max_vocab and len(kept) > max_vocab - 1:
+        needs_unk = len(kept) < len(counts)
+        if max_vocab and len(kept) + needs_unk > max_vocab:  # keep the most frequent, leaving room for UNK
             kept = sorted(kept, key=lambda c: (-counts[c], c))[: max_vocab - 1]
         dropped = len(counts) - len(kept)
         chars = sorted(kept)

@@ -1,0 +1,163 @@
+"""Training: run directory files, learning, overwrite protection, exact resume, and the lr schedule."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from charrnn import checkpoint
+from charrnn.config import load_config
+from charrnn.errors import CharrnnError, UsageError
+from charrnn.train import Trainer, lr_at
+
+QUIET = {"progress": False, "log": lambda msg: None}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def test_run_writes_its_files(make_cfg, tmp_path):
+    cfg = make_cfg({"train.max_steps": 10, "train.eval_every": 5, "train.log_every": 1})
+    run_dir = tmp_path / "run"
+    summary = Trainer(cfg, run_dir, **QUIET).fit()
+    assert summary["steps"] == 10
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "samples.txt"):
+        assert (run_dir / name).is_file(), name
+    lines = read_metrics(run_dir)
+    assert [r["step"] for r in lines] == list(range(1, 11))
+    for r in lines:
+        assert {"step", "train_loss", "lr", "chars_per_s", "elapsed_s"} <= set(r)
+        assert math.isfinite(r["train_loss"]) and r["lr"] > 0 and r["chars_per_s"] > 0 and r["elapsed_s"] >= 0
+    evals = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    for r in evals:
+        assert r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-3)
+    assert load_config(run_dir / "config.yaml") == cfg
+    samples = (run_dir / "samples.txt").read_text(encoding="utf-8")
+    assert "step 5" in samples and "step 10" in samples
+    ckpt = checkpoint.load(run_dir / "last.pt")
+    assert ckpt["position"]["step"] == 10
+    best = checkpoint.load(run_dir / "best.pt")
+    assert best["metrics"]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals), abs=1e-4)
+
+
+def test_loss_goes_down(make_cfg, tmp_path):
+    cfg = make_cfg({"model.hidden_size": 32, "train.max_steps": 60, "train.eval_every": 60, "train.lr": 1e-2,
+                    "train.sample_length": 0})
+    run_dir = tmp_path / "run"
+    trainer = Trainer(cfg, run_dir, **QUIET)
+    summary = trainer.fit()
+    losses = [r["train_loss"] for r in read_metrics(run_dir)]
+    assert len(losses) == 60
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert summary["best_val_loss"] < math.log(len(trainer.vocab)) - 0.5  # well below a uniform guess
+
+
+def test_second_run_needs_overwrite(make_cfg, tmp_path):
+    cfg = make_cfg({"train.max_steps": 2, "train.eval_every": 2, "train.sample_length": 0})
+    run_dir = tmp_path / "run"
+    Trainer(cfg, run_dir, **QUIET).fit()
+    with pytest.raises(UsageError) as e:
+        Trainer(cfg, run_dir, **QUIET)
+    assert "--overwrite" in str(e.value) and "--resume" in str(e.value)
+    Trainer(cfg, run_dir, overwrite=True, **QUIET).fit()
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]  # the old metrics were replaced
+
+
+def test_same_seed_same_run(make_cfg, tmp_path):
+    cfg = make_cfg({"train.max_steps": 4, "train.eval_every": 4, "train.sample_length": 0,
+                    "model.dropout": 0.2})
+    Trainer(cfg, tmp_path / "a", **QUIET).fit()
+    Trainer(cfg, tmp_path / "b", **QUIET).fit()
+    la = [r["train_loss"] for r in read_metrics(tmp_path / "a")]
+    lb = [r["train_loss"] for r in read_metrics(tmp_path / "b")]
+    assert la == lb
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_exact_resume(make_cfg, tmp_path, text_file, cell):
+    # a short text so the run crosses an epoch boundary (the state resets) after the resume point
+    text_file.write_text(text_file.read_text(encoding="utf-8")[:1200], encoding="utf-8")
+    N, k = 20, 8
+    common = {"model.cell": cell, "model.dropout": 0.3, "model.hidden_size": 16, "train.log_every": 1,
+              "train.eval_every": k, "train.schedule": "step", "train.lr_decay_steps": 5, "train.lr_decay": 0.7,
+              "train.warmup_steps": 3, "train.sample_length": 5}
+    straight = tmp_path / "straight"
+    t = Trainer(make_cfg({**common, "train.max_steps": N}), straight, **QUIET)
+    assert len(t.train_data) < N  # an epoch boundary lies inside the run
+    t.fit()
+
+    resumed = tmp_path / "resumed"
+    Trainer(make_cfg({**common, "train.max_steps": k}), resumed, **QUIET).fit()
+    ckpt = checkpoint.load(resumed / "last.pt")
+    assert ckpt["position"]["step"] == k
+    cfg = load_config(None, [f"train.max_steps={N}"], base=ckpt["config"])
+    Trainer(cfg, resumed, resume=ckpt, **QUIET).fit()
+
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, N + 1))
+    assert [(r["step"], r["train_loss"]) for r in a] == [(r["step"], r["train_loss"]) for r in b]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert a[-1]["val_loss"] == b[-1]["val_loss"]
+    wa = checkpoint.load(straight / "last.pt")["model"]
+    wb = checkpoint.load(resumed / "last.pt")["model"]
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_resume_refuses_a_different_architecture(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    Trainer(make_cfg({"train.max_steps": 2, "train.eval_every": 2, "train.sample_length": 0}), run_dir,
+            **QUIET).fit()
+    ckpt = checkpoint.load(run_dir / "last.pt")
+    cfg = load_config(None, ["model.hidden_size=24", "train.max_steps=4"], base=ckpt["config"])
+    with pytest.raises(UsageError, match="model.hidden_size"):
+        Trainer(cfg, run_dir, resume=ckpt, **QUIET)
+
+
+def test_missing_text_names_download_command(make_cfg, tmp_path):
+    cfg = make_cfg({"data.gutenberg": "andersen"}, text_path=tmp_path / "data" / "andersen.txt")
+    with pytest.raises(CharrnnError) as e:
+        Trainer(cfg, tmp_path / "run", **QUIET)
+    assert "charrnn download --gutenberg andersen" in str(e.value)
+
+
+def sched(**kw):
+    base = dict(lr=1.0, warmup_steps=0, schedule="constant", min_lr_ratio=0.1, lr_decay=0.5, lr_decay_steps=10)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_lr_warmup_rises_to_peak():
+    cfg = sched(warmup_steps=10, lr=0.5)
+    lrs = [lr_at(cfg, s, 0.0) for s in range(15)]
+    assert lrs[0] == pytest.approx(0.5 / 10)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert lrs[9] == pytest.approx(0.5)
+    assert all(v == pytest.approx(0.5) for v in lrs[9:])
+
+
+def test_lr_cosine_decays_to_min_ratio():
+    cfg = sched(schedule="cosine", lr=2.0, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(2.0)
+    assert lr_at(cfg, 100, 0.5) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(cfg, 200, 1.0) == pytest.approx(0.2)
+    assert lr_at(cfg, 300, 1.5) == pytest.approx(0.2)  # past the budget it stays at the floor
+    values = [lr_at(cfg, 0, p / 10) for p in range(11)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_lr_step_schedule():
+    cfg = sched(schedule="step", lr=1.0, lr_decay=0.5, lr_decay_steps=10)
+    assert lr_at(cfg, 0, 0.3) == pytest.approx(1.0)
+    assert lr_at(cfg, 9, 0.3) == pytest.approx(1.0)
+    assert lr_at(cfg, 10, 0.3) == pytest.approx(0.5)
+    assert lr_at(cfg, 25, 0.9) == pytest.approx(0.25)
+
+
+def test_lr_constant():
+    cfg = sched(schedule="constant", lr=0.3)
+    assert {lr_at(cfg, s, p) for s, p in [(0, 0.0), (50, 0.5), (1000, 1.0)]} == {0.3}
