@@ -59,20 +59,17 @@ def cmd_train(args) -> int:
 
 
 def _add_sample(sub) -> None:
-    from .config import SampleConfig
-
-    d = SampleConfig()
     p = sub.add_parser("sample", help="generate text from a checkpoint",
-                       description="Generate text. Example: charrnn sample --checkpoint checkpoints/andersen/best.pt "
-                                   "--temperature 0.5 --top-k 5 --prime 'The '")
+                       description="Generate text; unset options take the run's `sample` config. Example: "
+                                   "charrnn sample --checkpoint checkpoints/andersen/best.pt --temperature 0.5 "
+                                   "--top-k 5 --prime 'The '")
     p.add_argument("--checkpoint", required=True, help="a .pt file written by charrnn train")
-    p.add_argument("--prime", default=None, help="text that starts every sample (default: a newline)")
-    p.add_argument("--length", type=int, default=d.length, help=f"characters to generate (default {d.length})")
-    p.add_argument("--temperature", type=float, default=d.temperature,
-                   help=f"softmax temperature; 0 is greedy (default {d.temperature})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely characters (0: all)")
-    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="samples generated together as a batch")
+    p.add_argument("--prime", help="text that starts every sample (default: a newline)")
+    p.add_argument("--length", type=int, help="characters to generate (default 500)")
+    p.add_argument("--temperature", type=float, help="softmax temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely characters (default 0: all)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    p.add_argument("--num-samples", type=int, help="samples generated together as one batch (default 1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.set_defaults(func=cmd_sample)
 
@@ -81,19 +78,21 @@ def cmd_sample(args) -> int:
     from .sample import Sampler
 
     sampler = Sampler.from_checkpoint(args.checkpoint, args.device)
-    prime = args.prime if args.prime else sampler.default_prime()
+    prime = args.prime or sampler.default_prime()
+    n = args.num_samples if args.num_samples is not None else sampler.settings.num_samples
     out = sys.stdout
-    if args.num_samples == 1:
-        def stream(ch: str) -> None:
-            out.write(ch)
-            out.flush()
 
-        sampler.generate(prime, args.length, args.temperature, args.top_k, 1, args.seed, stream=stream)
+    def stream(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    texts = sampler.generate(prime, args.length, args.temperature, args.top_k, n, args.seed,
+                             stream=stream if n == 1 else None)
+    if n == 1:
         out.write("\n")
-        return 0
-    texts = sampler.generate(prime, args.length, args.temperature, args.top_k, args.num_samples, args.seed)
-    for i, text in enumerate(texts, 1):
-        out.write(f"=== sample {i} ===\n{prime}{text}\n")
+    else:
+        for i, text in enumerate(texts, 1):
+            out.write(f"=== sample {i} ===\n{prime}{text}\n")
     return 0
 
 

@@ -101,12 +101,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prime: str = "\n"  # text that warms the state before generating
+    prime: str = "\n"  # text that warms the state before generating (`charrnn sample` defaults come from here)
     length: int = 500  # characters to generate per sample
     temperature: float = 0.8  # softmax temperature (0: greedy)
     top_k: int = 0  # sample among the k most likely characters (0: all)
     num_samples: int = 1  # samples generated together as one batch
-    seed: int = -1  # -1: a fresh random seed each time
 
     def __post_init__(self):
         _check(self.length >= 0, "sample.length", "must be >= 0", self.length)

@@ -24,7 +24,7 @@ from typing import Callable
 from tqdm import tqdm
 from unidecode import unidecode
 
-from charrnn.errors import CharrnnError, UsageError
+from .errors import CharrnnError, UsageError
 
 BOOKS: dict[str, tuple[int, str]] = {
     "andersen": (27200, "Fairy Tales of Hans Christian Andersen"),
@@ -251,7 +251,7 @@ def download_book(
         return path
     failures = []
     for url in candidate_urls(book_id, mirror):
-        log(f"downloading {name} (Gutenberg #{book_id}) from {url}")
+        log(f"fetching {name} (Gutenberg #{book_id}) from {url}")
         try:
             data = _fetch(url, timeout, progress, name, backoff, log)
         except (OSError, http.client.HTTPException) as error:

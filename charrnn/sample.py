@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .config import SampleConfig, config_from_dict
 from .errors import UsageError
 from .model import CharRNN, generate, resolve_device
 from .vocab import Vocab, show_chars
@@ -20,23 +21,32 @@ from .vocab import Vocab, show_chars
 class Sampler:
     """A trained model and its vocabulary, ready to generate text."""
 
-    def __init__(self, model: CharRNN, vocab: Vocab, device: torch.device):
+    def __init__(self, model: CharRNN, vocab: Vocab, device: torch.device, settings: SampleConfig | None = None):
         self.model, self.vocab, self.device = model, vocab, device
+        self.settings = settings or SampleConfig()  # the run's `sample` section: defaults for unset arguments
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Sampler":
         dev = resolve_device(device)
-        model, vocab = checkpoint.restore_model(checkpoint.load(path), dev)
-        return cls(model, vocab, dev)
+        ckpt = checkpoint.load(path)
+        model, vocab = checkpoint.restore_model(ckpt, dev)
+        return cls(model, vocab, dev, config_from_dict(ckpt["config"]).sample)
 
     def default_prime(self) -> str:
-        return "\n" if "\n" in self.vocab else self.vocab.chars[0]
+        prime = self.settings.prime
+        return prime if prime and not self.vocab.unknown(prime) else "\n" if "\n" in self.vocab else self.vocab.chars[0]
 
-    def generate(self, prime: str | None = None, length: int = 500, temperature: float = 0.8, top_k: int = 0,
-                 num_samples: int = 1, seed: int | None = None, stream=None) -> list[str]:
-        """`num_samples` continuations of `prime`, generated together as one batch. With `stream`, a callable,
-        the prime and then the characters of the first sample are passed to it as they are made. Returns the generated
-        texts (without the prime)."""
+    def generate(self, prime: str | None = None, length: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, num_samples: int | None = None, seed: int | None = None,
+                 stream=None) -> list[str]:
+        """`num_samples` continuations of `prime`, generated together as one batch; an argument left None takes the
+        run's `sample` setting. With `stream`, a callable, the prime and then the characters of the first sample are
+        passed to it as they are made. Returns the generated texts (without the prime)."""
+        s = self.settings
+        length = s.length if length is None else length
+        temperature = s.temperature if temperature is None else temperature
+        top_k = s.top_k if top_k is None else top_k
+        num_samples = s.num_samples if num_samples is None else num_samples
         if length < 0:
             raise UsageError(f"--length must be >= 0 (got {length})")
         if temperature < 0:

@@ -51,8 +51,8 @@ def test_sample_same_seed_same_output(in_tmp, trained_ckpt, capsys):
     assert main(args) == 0
     second = capsys.readouterr().out
     assert first == second
-    assert first.startswith("\n")  # the default prime is a newline
-    assert len(first) == 1 + 80 + 1
+    assert first.startswith("The ")  # the default prime is the run's sample.prime
+    assert len(first) == 4 + 80 + 1
 
 
 def test_sample_prime_is_printed(in_tmp, trained_ckpt, capsys):

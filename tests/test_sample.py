@@ -59,7 +59,7 @@ def test_prime_with_unknown_chars(sampler):
 
 
 def test_default_prime_and_zero_length(sampler):
-    assert sampler.default_prime() == "\n"
+    assert sampler.default_prime() == "The "  # the run's sample.prime (see conftest)
     assert sampler.generate(None, 0, seed=1) == [""]
     assert len(sampler.generate("", 5, seed=1)[0]) == 5
 
