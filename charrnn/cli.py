@@ -123,12 +123,27 @@ def cmd_download(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="measure training, sampling and encoding speed on this machine",
+                       description="The speed benchmark (also scripts/bench.py). Example: charrnn bench --write")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charrnn", description="Character-level LSTM language models: "
                                      "download a book, train, sample.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_download, _add_train, _add_sample):
+    for add in (_add_download, _add_train, _add_sample, _add_bench):
         add(sub)
     return parser
 

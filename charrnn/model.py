@@ -93,6 +93,7 @@ def generate(model: CharRNN, prime: torch.Tensor, length: int, temperature: floa
     try:
         logits, state = model(prime)
         last = logits[:, -1]  # (B, V)
+        step = Stepper(model, state)
         out = torch.empty(prime.size(0), length, dtype=torch.long, device=prime.device)
         for t in range(length):
             nxt = pick_next(last, temperature, top_k, generator)  # (B,)
@@ -100,8 +101,7 @@ def generate(model: CharRNN, prime: torch.Tensor, length: int, temperature: floa
             if on_step is not None:
                 on_step(nxt)
             if t + 1 < length:
-                logits, state = model(nxt.unsqueeze(1), state)
-                last = logits[:, -1]
+                last = step(nxt)
         return out
     finally:
         model.train(was_training)
@@ -121,3 +121,53 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+class Stepper:
+    """One recurrent step per call for generation, with each layer's weights packed once.
+
+    `nn.LSTM` called on a single time step runs oneDNN's whole-sequence kernel and costs ~10x more than the step
+    itself on a CPU; here an LSTM or RNN layer is one `addmm` over [x, h] @ [W_ih | W_hh]^T plus pointwise ops (a GRU
+    needs its input and hidden parts apart, so two). Holds the state of its B streams; `state()` gives it back in the
+    model's (L, B, H) layout.
+    """
+
+    def __init__(self, model: CharRNN, state: State):
+        rnn, args = model.rnn, model.args
+        self.cell = args.cell
+        self.embed = model.embed.weight.detach()  # (V, E)
+        self.head_w = model.head.weight.detach().t().contiguous()  # (H, V)
+        self.head_b = model.head.bias.detach()
+        self.layers = []
+        for l in range(args.num_layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{l}").detach(), getattr(rnn, f"weight_hh_l{l}").detach()
+            b_ih, b_hh = getattr(rnn, f"bias_ih_l{l}").detach(), getattr(rnn, f"bias_hh_l{l}").detach()
+            if self.cell == "gru":
+                self.layers.append((w_ih.t().contiguous(), b_ih, w_hh.t().contiguous(), b_hh))
+            else:
+                self.layers.append((torch.cat([w_ih, w_hh], 1).t().contiguous(), b_ih + b_hh))
+        self.h = list(state[0].unbind(0))  # L tensors of (B, H)
+        self.c = list(state[1].unbind(0)) if self.cell == "lstm" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B,) ids -> logits (B, V) for the next character; advances the state."""
+        inp = self.embed[x]  # (B, E)
+        for l, w in enumerate(self.layers):
+            h = self.h[l]
+            if self.cell == "lstm":
+                i, f, g, o = torch.addmm(w[1], torch.cat([inp, h], 1), w[0]).chunk(4, 1)  # (B, H) each
+                self.c[l] = torch.sigmoid(f) * self.c[l] + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(self.c[l])
+            elif self.cell == "gru":
+                ir, iz, in_ = torch.addmm(w[1], inp, w[0]).chunk(3, 1)
+                hr, hz, hn = torch.addmm(w[3], h, w[2]).chunk(3, 1)
+                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                h = torch.lerp(torch.tanh(in_ + r * hn), h, z)  # (1 - z) * n + z * h
+            else:
+                h = torch.tanh(torch.addmm(w[1], torch.cat([inp, h], 1), w[0]))
+            self.h[l] = inp = h
+        return torch.addmm(self.head_b, inp, self.head_w)  # (B, V)
+
+    def state(self) -> State:
+        h = torch.stack(self.h)
+        return (h, torch.stack(self.c)) if self.c is not None else (h,)

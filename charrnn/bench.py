@@ -1,0 +1,328 @@
+"""The speed benchmark behind `charrnn bench` and `scripts/bench.py`: what this machine can do, and how close we get.
+
+Every number is measured in this run; ratios compare measurements taken in the same run. Each measurement runs in
+its own spawned process so that its peak RSS is its own.
+
+FLOPs per character (H hidden size, I layer input size, V vocabulary, per layer l):
+    forward  = sum_l 2 * 4H * (I_l + H)   (the four LSTM gate matmuls; GRU: 3H, RNN: H)
+             + 2 * H * V                   (the output layer)
+    training = 3 * forward                 (backward costs about twice the forward)
+Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the measured fp32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def train_flops_per_char(cell: str, embed: int, hidden: int, layers: int, vocab: int) -> float:
+    """Training FLOPs per character, by the formula in the module docstring."""
+    g = GATES[cell]
+    fwd = sum(2 * g * hidden * ((embed if l == 0 else hidden) + hidden) for l in range(layers)) + 2 * hidden * vocab
+    return 3.0 * fwd
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synthetic_text(n_chars: int, seed: int = 0) -> str:
+    """English-like text with a ~80-character alphabet, made fast by repeating shuffled words."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "little", "mermaid", "said", "and", "snow", "queen", "she", "was", "very", "beautiful", "King",
+             "stork", "garden", "old", "tree", "Ida's", "flowers", "\"Yes,\"", "shoes", "red", "fir", "(tin)",
+             "soldier;", "sea!", "night?", "1805", "Kay", "Gerda", "rose-tree", "--", "ugly", "duckling:", "X-ray",
+             "jump", "quiz", "vex", "wolf", "zephyr", "[note]", "A.", "B", "C", "D", "E", "F", "G", "H", "J", "L",
+             "M", "N", "O", "P", "Q", "R", "S", "T", "U", "V", "W", "Y", "Z", "0", "2", "3", "4", "6", "7", "9"]
+    block = " ".join(rng.choice(words) + ("\n" if rng.random() < 0.08 else "") for _ in range(20000))
+    return (block * (n_chars // len(block) + 1))[:n_chars]
+
+
+# --- measurements, each run in a child process -------------------------------------------------------------------
+
+def measure_matmul(quick: bool) -> dict:
+    import torch
+
+    n = 1024 if quick else 2048
+    reps = 3 if quick else 10
+    out = {}
+    dtypes = [("fp32", torch.float32)]
+    if torch.backends.mkldnn.is_available() and _cpu_has_bf16():
+        dtypes.append(("bf16", torch.bfloat16))
+    for name, dt in dtypes:
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        out[name] = 2 * n ** 3 / statistics.median(times) / 1e9
+    return {"gflops": out, "n": n}
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+def measure_training(config: str, steps: int, naive: bool, overrides: tuple = (), label: str = "") -> dict:
+    """chars/s of our training step (the real Trainer on a synthetic text) and, if `naive`, of a Python loop over
+    time steps calling nn.LSTMCell once per character, at the same sizes."""
+    import torch
+
+    from .config import load_config
+    from .train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [f"data.path={tmp}/text.txt", "train.device=cpu", "train.sample_length=0",
+                                   *overrides])
+        t = cfg.train
+        n_chars = max(4 * t.n_seqs * t.n_steps * (steps + 4), 200_000)
+        Path(tmp, "text.txt").write_text(synthetic_text(n_chars), encoding="utf-8")
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda m: None)
+        trainer.model.train()
+        times = []
+        for i in range(steps + 2):
+            x, y = trainer.train_data.batch(i % len(trainer.train_data))
+            t0 = time.perf_counter()
+            loss = trainer.train_step(x, y, t.lr)
+            loss.item()
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times[2:]) * 1000
+        m = cfg.model
+        flops = train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, len(trainer.vocab))
+        cps = t.n_seqs * t.n_steps / (ms / 1000)
+        result = {"config": label or Path(config).stem, "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
+                  "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9}
+        if naive:
+            result["naive_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2))
+        result["peak_rss_mb"] = peak_rss_mb()
+        return result
+
+
+def _naive_chars_per_s(m, vocab: int, t, steps: int) -> float:
+    """The first PyTorch char-rnn ports (spro/char-rnn.pytorch): the model is called once per character, each call
+    running the embedding, the recurrent module on a one-step sequence and the output layer, the loss summed per step."""
+    import torch
+    from torch import nn
+
+    from .model import CharRNN, ModelArgs
+
+    model = CharRNN(ModelArgs(vocab_size=vocab, cell=m.cell, embed_size=m.embed_size, hidden_size=m.hidden_size,
+                              num_layers=m.num_layers, dropout=m.dropout))
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
+    criterion = nn.CrossEntropyLoss()
+    x = torch.randint(0, vocab, (t.n_seqs, t.n_steps))
+    y = torch.randint(0, vocab, (t.n_seqs, t.n_steps))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        state = model.init_state(t.n_seqs)
+        loss = 0
+        for c in range(t.n_steps):
+            logits, state = model(x[:, c:c + 1], state)
+            loss = loss + criterion(logits[:, 0], y[:, c])
+        opt.zero_grad()
+        (loss / t.n_steps).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return t.n_seqs * t.n_steps / statistics.median(times[1:])
+
+
+def measure_sampling(config: str, streams: int, length: int) -> dict:
+    """chars/s generating `length` characters for `streams` streams together from a model of `config`'s size."""
+    import torch
+
+    from .config import load_config
+    from .model import CharRNN, ModelArgs, generate
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = CharRNN(ModelArgs(vocab_size=80, **{k: getattr(cfg.model, k) for k in
+                                                ("cell", "embed_size", "hidden_size", "num_layers", "dropout")}))
+    prime = torch.zeros(streams, 1, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    generate(model, prime, 5, 1.0, 0, gen)
+    t0 = time.perf_counter()
+    generate(model, prime, length, 1.0, 0, gen)
+    dt = time.perf_counter() - t0
+    return {"config": Path(config).stem, "streams": streams, "chars_s": streams * length / dt}
+
+
+def measure_corpus_rss(n_chars: int) -> dict:
+    """RSS a training run holds for a corpus of `n_chars` characters: taken after two steps on the tiny model, minus
+    the RSS before the text was read. Two sizes give the bytes per corpus character as a slope."""
+    import gc
+
+    from .config import load_config
+    from .train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text_path = Path(tmp, "text.txt")
+        text_path.write_text(synthetic_text(n_chars), encoding="utf-8")
+        gc.collect()
+        cfg = load_config(None, [f"data.path={text_path}", "train.device=cpu", "train.sample_length=0",
+                                 "model.hidden_size=32", "model.num_layers=1", "train.max_steps=2"])
+        import torch  # noqa: F401  (imported before the baseline so its own memory is not counted)
+
+        rss0 = current_rss_bytes()
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda m: None)
+        for i in range(2):
+            trainer.train_step(*trainer.train_data.batch(i), cfg.train.lr)
+        return {"chars": n_chars, "rss_bytes": current_rss_bytes() - rss0}
+
+
+def measure_encoding(n_chars: int) -> dict:
+    """Seconds and peak RSS to build the vocabulary of and encode a synthetic text of `n_chars` characters."""
+    from .vocab import Vocab
+
+    text = synthetic_text(n_chars)
+    rss_text = peak_rss_mb()
+    t0 = time.perf_counter()
+    vocab = Vocab.build(text)
+    ids = vocab.encode(text)
+    dt = time.perf_counter() - t0
+    return {"chars": n_chars, "seconds": dt, "dtype": str(ids.dtype).removeprefix("torch."),
+            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_text}
+
+
+def _child(fn_name: str, kwargs: dict, queue) -> None:
+    try:
+        queue.put(("ok", globals()[fn_name](**kwargs)))
+    except BaseException as e:  # report the failure to the parent instead of hanging it
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def isolated(fn_name: str, **kwargs) -> dict:
+    """Run one measurement in a fresh spawned process and return its result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn_name, kwargs, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark {fn_name} failed: {value}")
+    return value
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+def run(quick: bool = False, configs_dir: str = "configs") -> str:
+    """Run every measurement and return the markdown report."""
+    import torch
+
+    cfgs = Path(configs_dir)
+    steps = 3 if quick else 20
+    started = time.perf_counter()
+    mm = isolated("measure_matmul", quick=quick)
+    peak = mm["gflops"]["fp32"]
+    grid = ("model.embed_size=64", "model.hidden_size=128", "model.num_layers=2", "train.n_seqs=50",
+            "train.n_steps=50")  # torch-rnn's benchmark shape
+    train_rows = [
+        isolated("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=False),
+        isolated("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=True, overrides=grid,
+                 label="2x128 grid"),
+        isolated("measure_training", config=str(cfgs / "andersen.yaml"), steps=steps, naive=True),
+        isolated("measure_training", config=str(cfgs / "anna.yaml"), steps=max(2, steps // 4), naive=True),
+    ]
+    sample_rows = [isolated("measure_sampling", config=str(cfgs / f"{name}.yaml"), streams=s,
+                            length=20 if quick else 400)
+                   for name in ("andersen", "anna") for s in (1, 64)]
+    enc = isolated("measure_encoding", n_chars=1_000_000 if quick else 100_000_000)
+    small, large = (200_000, 2_000_000) if quick else (2_000_000, 50_000_000)
+    rss_small, rss_large = (isolated("measure_corpus_rss", n_chars=n) for n in (small, large))
+    bytes_per_char = (rss_large["rss_bytes"] - rss_small["rss_bytes"]) / (large - small)
+    total = time.perf_counter() - started
+
+    lines = [f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads), device cpu, {datetime.date.today().isoformat()}"
+             f"{' — QUICK run: not for comparison' if quick else ''}. Whole run: {total:.0f} s.",
+             "",
+             "| reference | value |", "|---|---|"]
+    for name, g in mm["gflops"].items():
+        lines.append(f"| {name} matmul {mm['n']}x{mm['n']} (median) | {g:.1f} GFLOP/s |")
+    lines += ["", "| training | shape | ms/step | chars/s | GFLOP/s | % of fp32 peak | naive chars/s | speed-up "
+              "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in train_rows:
+        naive = r.get("naive_chars_s")
+        naive_cols = f"{naive:,.0f} | {r['chars_s'] / naive:.1f}x" if naive else "- | -"
+        lines.append(f"| {r['config']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} | {r['gflops']:.1f} "
+                     f"| {100 * r['gflops'] / peak:.0f}% | {naive_cols} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "| sampling | streams | chars/s |", "|---|---|---|"]
+    for r in sample_rows:
+        lines.append(f"| {r['config']} | {r['streams']} | {r['chars_s']:,.0f} |")
+    lines += ["", "| data | value |", "|---|---|",
+              f"| encode {enc['chars'] / 1e6:.0f} MB synthetic text (build vocab + encode) | {enc['seconds']:.2f} s |",
+              f"| ids dtype | {enc['dtype']} |",
+              f"| peak RSS while encoding (text alone: {enc['rss_before_mb']:.0f} MB) | {enc['peak_rss_mb']:.0f} MB |",
+              f"| RSS per corpus character while training (slope {small / 1e6:g}M -> {large / 1e6:g}M chars) "
+              f"| {bytes_per_char:.2f} B |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: str, path: str | Path, command: str) -> None:
+    """Replace the generated section of docs/benchmarks.md, keeping what people wrote around it."""
+    path = Path(path)
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    body = f"{start}\nCommand: `{command}`\n\n{report}{end}"
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    if start in old and end in old:
+        new = old[: old.index(start)] + body + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new, encoding="utf-8")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="every path in a few seconds (numbers not comparable)")
+    p.add_argument("--write", action="store_true", help="also write the table into docs/benchmarks.md")
+    p.add_argument("--configs", default="configs", help="folder with tiny.yaml, andersen.yaml, anna.yaml")
+
+
+def run_from_args(args) -> int:
+    report = run(quick=args.quick, configs_dir=args.configs)
+    sys.stdout.write(report)
+    if args.write:
+        write_report(report, Path("docs/benchmarks.md"), "python scripts/bench.py" + (" --quick" if args.quick else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
