@@ -106,6 +106,7 @@ def _add_download(sub) -> None:
     p.add_argument("--mirror", help="a Gutenberg mirror base URL (or env CHARRNN_GUTENBERG_MIRROR)")
     p.add_argument("--force", action="store_true", help="download again even if the file exists")
     p.add_argument("--ascii", action="store_true", help="transliterate the text to ASCII with unidecode")
+    p.add_argument("--max-mb", type=float, default=64, help="refuse downloads larger than this (default 64 MB)")
     p.add_argument("--list", action="store_true", help="list the book aliases and exit")
     p.set_defaults(func=cmd_download)
 
@@ -119,7 +120,7 @@ def cmd_download(args) -> int:
     if args.gutenberg is None:
         raise UsageError("say where to download from: charrnn download --gutenberg [BOOK ...] (see --list)")
     download.download_books(args.gutenberg, out_dir=args.out, mirror=args.mirror, force=args.force,
-                            ascii=args.ascii)
+                            ascii=args.ascii, max_mb=args.max_mb)
     return 0
 
 

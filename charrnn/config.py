@@ -28,9 +28,13 @@ class DataConfig:
     max_vocab: int = 0  # keep only the most frequent characters (0: all); the rest become one unknown symbol
     min_freq: int = 1  # characters seen fewer times become the unknown symbol
     encoding: str = "utf-8"  # how the text file is decoded
+    mode: str = "text"  # text: one running text | lines: one item per line (a name), each between two newlines
+    skip_lines: int = 0  # lines at the top of the file to drop first (a header)
 
     def __post_init__(self):
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", self.val_fraction)
+        _check(self.mode in ("text", "lines"), "data.mode", "must be text or lines", self.mode)
+        _check(self.skip_lines >= 0, "data.skip_lines", "must be >= 0", self.skip_lines)
         _check(self.max_vocab >= 0, "data.max_vocab", "must be >= 0", self.max_vocab)
         _check(self.min_freq >= 1, "data.min_freq", "must be >= 1", self.min_freq)
         _check(bool(self.path), "data.path", "must name a text file", self.path)
@@ -105,6 +109,8 @@ class SampleConfig:
     length: int = 500  # characters to generate per sample
     temperature: float = 0.8  # softmax temperature (0: greedy)
     top_k: int = 0  # sample among the k most likely characters (0: all)
+    top_p: float = 1.0  # sample among the most likely characters that hold this much probability (1: all)
+    repetition_penalty: float = 1.0  # shrink the logits of characters among the last 32 (1: off)
     num_samples: int = 1  # samples generated together as one batch
 
     def __post_init__(self):
@@ -112,6 +118,9 @@ class SampleConfig:
         _check(self.temperature >= 0 and math.isfinite(self.temperature), "sample.temperature",
                "must be >= 0", self.temperature)
         _check(self.top_k >= 0, "sample.top_k", "must be >= 0", self.top_k)
+        _check(0 < self.top_p <= 1, "sample.top_p", "must be in (0, 1]", self.top_p)
+        _check(1 <= self.repetition_penalty < math.inf, "sample.repetition_penalty", "must be >= 1",
+               self.repetition_penalty)
         _check(self.num_samples >= 1, "sample.num_samples", "must be >= 1", self.num_samples)
 
 
@@ -162,13 +171,13 @@ def _coerce(key: str, value, typ):
             except ValueError:
                 pass
     elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
                 return float(value.strip())
-            except ValueError:
-                pass
+        except (ValueError, OverflowError):
+            pass
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -206,8 +215,9 @@ def read_yaml(path: str | Path) -> dict:
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UsageError(f"config file {path} is not valid YAML{where}: {e.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"config file {path} could not be read: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, ValueError, RecursionError) as e:
+        raise UsageError(f"config file {path} could not be read as YAML ({type(e).__name__}): "
+                         f"fix the file or start from one in configs/") from None
     tree = tree or {}
     _check_keys(tree, str(path))
     return tree
@@ -226,12 +236,26 @@ def parse_overrides(items: list[str]) -> dict:
         section, name = key.split(".")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # PyYAML raises ValueError for e.g. 0x_ or 2001-02-30
             value = raw
         if isinstance(value, (dict, list)) or value is None:
             value = raw
         tree.setdefault(section, {})[name] = value
     _check_keys(tree, "--set")
+    return tree
+
+
+def mapping_overrides(values: dict) -> dict:
+    """Python overrides for the API, `{"train.max_steps": 100}` or `train__max_steps=100`, as a nested dict: the
+    values are used as they are (no YAML parsing, so a prime like "The " keeps its space)."""
+    tree: dict = {}
+    for key, value in values.items():
+        dotted = key.replace("__", ".")
+        if dotted.count(".") != 1:
+            raise UsageError(f"override {key!r}: the key must be section.key or section__key, e.g. train__lr")
+        section, name = dotted.split(".")
+        tree.setdefault(section, {})[name] = value
+    _check_keys(tree, "overrides")
     return tree
 
 

@@ -1,8 +1,9 @@
 """Fetch Project Gutenberg books for training: `charrnn download --gutenberg`.
 
 This module owns the book aliases, the mirror URL layout, the HTTP download
-(retry, progress bar, truncation check), decoding, stripping the Project
-Gutenberg header and licence footer, and the atomic write of `<out>/<name>.txt`.
+(http(s) only, redirects included; retry, progress bar, truncation check, size
+cap), decoding, stripping the Project Gutenberg header and licence footer, and
+the atomic write of `<out>/<name>.txt`.
 It must stay free of torch so that `charrnn download` starts fast.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import http.client
+import math
 import os
 import re
 import sys
@@ -43,6 +45,10 @@ PUBLIC_SITE = "https://www.gutenberg.org/"
 MIRROR_ENV = "CHARRNN_GUTENBERG_MIRROR"
 
 _CHUNK = 64 * 1024
+MB = 1024 * 1024
+# Books are a few MB; the cap stops a wrong mirror (a disk image, an endless stream) from filling memory and disk.
+DEFAULT_MAX_MB = 64
+_SCHEMES = ("http", "https")
 
 # "*** START OF THE/THIS PROJECT GUTENBERG EBOOK <title> ***"; a long title may wrap onto a second line.
 _START = re.compile(
@@ -106,8 +112,8 @@ def candidate_urls(book_id: int, mirror: str | None = None) -> list[str]:
     cache_layout = f"cache/epub/{book_id}/pg{book_id}.txt"
     if mirror is None:
         return [DEFAULT_MIRROR + path for path in mirror_layout] + [PUBLIC_SITE + cache_layout]
-    if urllib.parse.urlsplit(mirror).scheme not in ("http", "https", "file"):
-        raise UsageError(f"mirror '{mirror}' is not a URL: give one like {DEFAULT_MIRROR}")
+    if urllib.parse.urlsplit(mirror).scheme not in _SCHEMES:
+        raise UsageError(f"mirror '{mirror}' is not an http(s) URL: give one like {DEFAULT_MIRROR}")
     base = mirror.rstrip("/") + "/"
     return [base + path for path in mirror_layout + [cache_layout]]
 
@@ -173,12 +179,39 @@ def _user_agent() -> str:
     return f"charrnn/{version} (character-level LSTM trainer; Python-urllib)"
 
 
-def _get(url: str, timeout: float, progress: bool, desc: str) -> bytes:
-    """One GET; raises http.client.IncompleteRead when fewer bytes arrive than Content-Length promised."""
+class _Refused(Exception):
+    """A response no retry will fix (too large, redirected off http(s)); the message says why."""
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: a mirror must not point charrnn at a local file or an FTP server."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        if urllib.parse.urlsplit(target).scheme not in _SCHEMES:
+            fp.close()
+            raise _Refused(f"redirected to {target}; only http and https redirects are followed")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirectsOnly)
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"over the {max_bytes / MB:g} MB download cap; raise it with --max-mb if the book really is that big"
+
+
+def _get(url: str, timeout: float, progress: bool, desc: str, max_bytes: int) -> bytes:
+    """One GET of at most `max_bytes`, refused up front when Content-Length is larger and stopped as soon as
+    the stream passes it; raises http.client.IncompleteRead when fewer bytes arrive than Content-Length promised."""
     request = urllib.request.Request(url, headers={"User-Agent": _user_agent()})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with _OPENER.open(request, timeout=timeout) as response:
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
+        if expected is not None and expected > max_bytes:
+            raise _Refused(f"{expected:,} bytes, {_too_large(max_bytes)}")
         data = bytearray()
         with tqdm(
             total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
@@ -186,22 +219,25 @@ def _get(url: str, timeout: float, progress: bool, desc: str) -> bytes:
         ) as bar:
             while chunk := response.read(_CHUNK):
                 data += chunk
+                if len(data) > max_bytes:
+                    raise _Refused(_too_large(max_bytes))
                 bar.update(len(chunk))
     if expected is not None and len(data) != expected:
         raise http.client.IncompleteRead(bytes(data), expected - len(data))
     return bytes(data)
 
 
-def _fetch(url: str, timeout: float, progress: bool, desc: str, backoff: float, log: Callable[[str], None]) -> bytes:
+def _fetch(url: str, timeout: float, progress: bool, desc: str, backoff: float, log: Callable[[str], None],
+           max_bytes: int) -> bytes:
     """GET with one retry after `backoff` seconds on network errors and 5xx (a 404 will not change)."""
     try:
-        return _get(url, timeout, progress, desc)
+        return _get(url, timeout, progress, desc, max_bytes)
     except (OSError, http.client.HTTPException) as error:
         if isinstance(error, urllib.error.HTTPError) and error.code < 500:
             raise
         log(f"{url}: {_describe(error)}; retrying in {backoff:g} s")
     time.sleep(backoff)
-    return _get(url, timeout, progress, desc)
+    return _get(url, timeout, progress, desc, max_bytes)
 
 
 def _describe(error: BaseException) -> str:
@@ -237,12 +273,14 @@ def download_book(
     progress: bool = True,
     log: Callable[[str], None] = _log_stderr,
     backoff: float = 1.0,
+    max_bytes: int = DEFAULT_MAX_MB * MB,
 ) -> Path:
     """Download one book (alias or Gutenberg number) to `out_dir/<name>.txt`, stripped of the PG licence.
 
     An existing file is kept unless `force`. Each candidate URL is tried in turn (see
-    candidate_urls); `ascii` transliterates with unidecode. Raises CharrnnError when no URL
-    gives a Gutenberg text, UsageError for an unknown alias.
+    candidate_urls); a response over `max_bytes`, an HTML page or a redirect off http(s) fails
+    that URL. `ascii` transliterates with unidecode. Raises CharrnnError when no URL gives a
+    Gutenberg text, UsageError for an unknown alias or a mirror that is not http(s).
     """
     book_id, name = resolve_book(book)
     path = Path(out_dir) / f"{name}.txt"
@@ -253,9 +291,12 @@ def download_book(
     for url in candidate_urls(book_id, mirror):
         log(f"fetching {name} (Gutenberg #{book_id}) from {url}")
         try:
-            data = _fetch(url, timeout, progress, name, backoff, log)
+            data = _fetch(url, timeout, progress, name, backoff, log, max_bytes)
         except (OSError, http.client.HTTPException) as error:
             failures.append(f"{url} ({_describe(error)})")
+            continue
+        except _Refused as error:
+            failures.append(f"{url} ({error})")
             continue
         text, warning = decode_bytes(data)
         if not looks_like_gutenberg(text):
@@ -281,6 +322,9 @@ def download_book(
     )
 
 
-def download_books(books: list[str], **options) -> list[Path]:
-    """Download each book in turn (DEFAULT_BOOK when `books` is empty); `options` go to download_book."""
-    return [download_book(book, **options) for book in books or [DEFAULT_BOOK]]
+def download_books(books: list[str], max_mb: float = DEFAULT_MAX_MB, **options) -> list[Path]:
+    """Download each book in turn (DEFAULT_BOOK when `books` is empty), each capped at `max_mb` MB
+    (the CLI's --max-mb); `options` go to download_book."""
+    if not (isinstance(max_mb, (int, float)) and max_mb > 0 and math.isfinite(max_mb)):
+        raise UsageError(f"--max-mb must be a positive number of megabytes (got {max_mb!r}), e.g. --max-mb 64")
+    return [download_book(book, max_bytes=int(max_mb * MB), **options) for book in books or [DEFAULT_BOOK]]

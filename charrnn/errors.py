@@ -6,6 +6,9 @@ class CharrnnError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the input it quotes
+
 
 class UsageError(CharrnnError):
     """A usage or configuration error (exit code 2): a bad flag, key or value."""

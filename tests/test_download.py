@@ -95,9 +95,14 @@ def test_candidate_urls_env_mirror(monkeypatch):
     assert dl.candidate_urls(11, "http://arg.example")[0] == "http://arg.example/1/11/11-0.txt"
 
 
-def test_candidate_urls_rejects_non_url_mirror():
-    with pytest.raises(UsageError, match="not a URL"):
-        dl.candidate_urls(11, "aleph.gutenberg.org")
+@pytest.mark.parametrize("mirror", ["aleph.gutenberg.org", "file:///srv/gutenberg", "ftp://ftp.example/gutenberg"])
+def test_candidate_urls_rejects_non_http_mirror(mirror, monkeypatch):
+    with pytest.raises(UsageError, match=r"not an http\(s\) URL: give one like https://") as info:
+        dl.candidate_urls(11, mirror)
+    assert mirror in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.setenv(dl.MIRROR_ENV, mirror)
+    with pytest.raises(UsageError, match=r"not an http\(s\) URL"):
+        dl.candidate_urls(11, None)
 
 
 def test_resolve_book():
@@ -426,3 +431,91 @@ def test_failed_write_leaves_no_temp_file(server, tmp_path, monkeypatch):
     with pytest.raises(CharrnnError, match="cannot write .*No space left"):
         fetch(server, "alice", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- hostile mirrors: redirects and size -----------------------------------------------------------
+
+
+def redirect(location: str, status: int = 302):
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return route
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_download_follows_http_redirect(server, tmp_path, absolute):
+    server.routes["/1/11/11-0.txt"] = redirect((server.url if absolute else "") + "/moved/alice.txt")
+    server.routes["/moved/alice.txt"] = respond(NEW_STYLE.encode())
+    path = fetch(server, "alice", tmp_path)
+    assert server.requests == ["/1/11/11-0.txt", "/moved/alice.txt"]
+    assert path.read_text(encoding="utf-8") == NEW_STYLE_BODY
+
+
+@pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1:1/11-0.txt"])
+def test_download_refuses_redirect_off_http(server, tmp_path, target):
+    for url in dl.candidate_urls(11, server.url):
+        server.routes[url.removeprefix(server.url)] = redirect(target, status=301)
+    with pytest.raises(CharrnnError) as info:
+        fetch(server, "alice", tmp_path)
+    message = str(info.value)
+    assert f"redirected to {target}; only http and https redirects are followed" in message and "\n" not in message
+    assert "HTTP 30" not in message and len(server.requests) == 3  # refused at once, not retried
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_refuses_content_length_over_cap_before_reading(server, tmp_path):
+    body = NEW_STYLE.encode()
+    server.routes["/1/11/11-0.txt"] = respond(body, content_length=10**9)  # the short body would read as cut short
+    with pytest.raises(CharrnnError) as info:
+        fetch(server, "alice", tmp_path, max_bytes=len(body))
+    message = str(info.value)
+    assert "1,000,000,000 bytes, over the" in message and "--max-mb" in message and "cut short" not in message
+    assert len(server.requests) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_download_stops_reading_a_stream_past_the_cap(server, tmp_path):
+    """A 32 MB body without Content-Length: charrnn must hang up after the cap, not read it all and then refuse."""
+    hung_up = []
+
+    def stream(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/plain")
+        handler.end_headers()
+        chunk = b"Project Gutenberg " * 4096
+        try:
+            for _ in range(32 * dl.MB // len(chunk)):
+                handler.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            hung_up.append(True)
+
+    server.routes["/1/11/11-0.txt"] = stream
+    with pytest.raises(CharrnnError, match=r"11-0\.txt \(over the 0\.0625 MB download cap; raise it with --max-mb"):
+        fetch(server, "alice", tmp_path, max_bytes=dl.MB // 16)
+    assert hung_up == [True] and list(tmp_path.iterdir()) == []
+
+
+def test_download_cap_admits_a_body_of_exactly_the_cap(server, tmp_path):
+    body = NEW_STYLE.encode()
+    server.routes["/1/11/11-0.txt"] = respond(body)
+    assert fetch(server, "alice", tmp_path, max_bytes=len(body)).read_text(encoding="utf-8") == NEW_STYLE_BODY
+
+
+def test_download_books_max_mb(server, tmp_path):
+    body = NEW_STYLE.encode() + b"x" * (dl.MB // 2)
+    server.routes["/1/11/11-0.txt"] = respond(body)
+    options = dict(out_dir=tmp_path, mirror=server.url, progress=False, log=lambda message: None, backoff=0)
+    with pytest.raises(CharrnnError, match="over the 0.5 MB download cap"):
+        dl.download_books(["alice"], max_mb=0.5, **options)
+    assert list(tmp_path.iterdir()) == []
+    assert dl.download_books(["alice"], **options) == [tmp_path / "alice.txt"]  # the default cap is 64 MB
+
+
+@pytest.mark.parametrize("max_mb", [0, -1, float("nan"), float("inf"), "64"])
+def test_download_books_refuses_bad_max_mb(max_mb, tmp_path):
+    with pytest.raises(UsageError, match=r"^--max-mb must be a positive number of megabytes \(got .*\), e\.g\."):
+        dl.download_books(["alice"], max_mb=max_mb, out_dir=tmp_path, mirror="http://127.0.0.1:9")
+    assert dl.DEFAULT_MAX_MB == 64
