@@ -75,6 +75,14 @@ class TrainConfig:
     eval_every: int = 200  # evaluate on the validation split every this many steps
     log_every: int = 10  # write a metrics line every this many steps
     sample_length: int = 200  # characters of the sample printed at each evaluation (0: none)
+    checkpoint_every: int = 0  # also save last.pt every this many steps (0: at evaluations, interrupts and the end)
+    checkpoint_minutes: float = 5.0  # also save last.pt when this many minutes passed since the last save (0: off)
+    keep_last: int = 0  # keep the newest this many step-numbered copies of last.pt, step-00001200.pt (0: none)
+    patience: int = 0  # early stopping: stop after this many evaluations without a new best val loss (0: off)
+    plateau_patience: int = 0  # multiply the lr by plateau_factor after this many evaluations without one (0: off)
+    plateau_factor: float = 0.5  # the reduce-on-plateau factor
+    diverge_factor: float = 3.0  # stop when a logged train loss is NaN/inf or this many times the first (0: NaN/inf)
+    tensorboard: bool = False  # also log the metrics to <run dir>/tensorboard (needs the tensorboard package)
     seed: int = 1337  # seeds torch and python RNGs: the same seed gives the same run
     device: str = "auto"  # auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)
 
@@ -99,6 +107,14 @@ class TrainConfig:
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1", self.eval_every)
         _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
         _check(self.sample_length >= 0, "train.sample_length", "must be >= 0", self.sample_length)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", self.checkpoint_every)
+        _check(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0", self.checkpoint_minutes)
+        _check(self.keep_last >= 0, "train.keep_last", "must be >= 0", self.keep_last)
+        _check(self.patience >= 0, "train.patience", "must be >= 0", self.patience)
+        _check(self.plateau_patience >= 0, "train.plateau_patience", "must be >= 0", self.plateau_patience)
+        _check(0 < self.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)", self.plateau_factor)
+        _check(self.diverge_factor == 0 or self.diverge_factor > 1, "train.diverge_factor", "must be 0 or above 1",
+               self.diverge_factor)
         _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "train.device",
                "must be auto, cpu, cuda, cuda:N or mps", self.device)
 

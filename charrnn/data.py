@@ -10,16 +10,26 @@ them, so row b of batch i+1 continues row b of batch i and the hidden state can 
 
 The corpus lives once on the training device in its narrow id dtype; batches are slices of it, widened to int64
 only for the (B, T) slice the model reads.
+
+In lines mode (`data.mode: lines`, e.g. a list of names) every item sits between two newlines, "\nemma\nolivia\n",
+so the model sees each item start from the boundary and learns where items end; blank lines are dropped and the
+items are shuffled with a fixed seed (lists are often sorted, and the order would leak from one item to the next).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import random
 from pathlib import Path
 
 import torch
 
+from .config import DataConfig
 from .errors import CharrnnError
+
+BOUNDARY = "\n"  # lines mode: what precedes and follows every item
 
 
 def read_text(path: str | Path, encoding: str = "utf-8", download_hint: str = "") -> str:
@@ -43,6 +53,52 @@ def read_text(path: str | Path, encoding: str = "utf-8", download_hint: str = ""
     except LookupError:
         raise CharrnnError(f"data.encoding {encoding!r} is not a known encoding: use e.g. utf-8 or latin-1") from None
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_corpus(data: DataConfig, path: str | Path | None = None) -> str:
+    """The text a run trains on: the file at `path` (default `data.path`) read as `data` says (header lines
+    skipped, ASCII, lines layout), so training and `charrnn eval` see a text the same way."""
+    text = read_text(path or data.path, data.encoding, data.gutenberg)
+    if data.skip_lines:
+        parts = text.split("\n", data.skip_lines)
+        text = parts[-1] if len(parts) > data.skip_lines else ""
+    if data.ascii:
+        from unidecode import unidecode
+        text = unidecode(text)
+    if data.mode == "lines":  # shuffled, always the same way: a sorted list would teach the order, not the items
+        items = line_items(text)
+        random.Random(0).shuffle(items)
+        text = "".join(BOUNDARY + item for item in items) + BOUNDARY
+    if not text.strip():
+        raise CharrnnError(f"text file {path or data.path} is empty: point data.path at a text with content")
+    return text
+
+
+def line_items(text: str) -> list[str]:
+    """The items of a lines-mode text: its lines without surrounding whitespace, blank ones dropped."""
+    return [item for line in text.split(BOUNDARY) if (item := line.strip())]
+
+
+def item_hash(item: str) -> int:
+    """A stable signed 64-bit hash of an item (blake2b; Python's own hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(item.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def hash_items(items) -> torch.Tensor:
+    """The sorted int64 tensor of the distinct hashes of `items`: what a checkpoint keeps for `--novel`."""
+    return torch.tensor(sorted({item_hash(i) for i in items}), dtype=torch.int64)
+
+
+def known_items(data: DataConfig) -> torch.Tensor:
+    """The hashed items of a lines-mode training text; computed once per file version, since a run saves many
+    checkpoints and hashing a large list takes a second."""
+    path = Path(data.path).resolve()
+    return _known_items(data, str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _known_items(data: DataConfig, path: str, mtime_ns: int) -> torch.Tensor:
+    return hash_items(line_items(read_corpus(data, path)))
 
 
 def split_ids(ids: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ one character per step and keeps the state, so each new character costs O(1) wor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -69,42 +70,164 @@ def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state)
 
 
-def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,): greedy at temperature 0, else sampled from the top-k softmax."""
+REPETITION_WINDOW = 32  # the repetition penalty looks this far back: a longer window holds every common character
+
+
+def penalize(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: the logits (B, V) of characters among `recent` (B, W) ids are divided by `penalty`
+    where positive and multiplied by it where negative. Id V marks an empty slot of the window."""
+    seen = torch.zeros(logits.size(0), logits.size(1) + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.scatter_(1, recent, True)[:, :-1]  # (B, V)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None,
+              top_p: float = 1.0) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else sampled from the softmax cut to the top-k
+    characters, then to the smallest set holding `top_p` of the probability (nucleus). All on the logits' device."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the more likely characters already hold top_p
+        probs = probs.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-@torch.inference_mode()
-def generate(model: CharRNN, prime: torch.Tensor, length: int, temperature: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
-    """Warm the state on `prime` (B, P) in one call, then sample `length` ids per stream, one step at a time.
+@dataclass
+class Generated:
+    """A generated batch: `ids` (B, T), and per stream `lengths` (the characters kept: up to and including the first
+    stop string, else all T), `stopped`, and `logprob`: the summed log-probability in nats of the kept characters
+    under the model itself (temperature 1, no cut), a measure of how typical the text is whatever the settings."""
 
-    `on_step(ids)` receives each new (B,) column as it is made, for streaming. Returns (B, length) ids.
-    """
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+    logprob: torch.Tensor
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Dropout off while generating; the caller's mode is restored (the trainer samples mid-run)."""
     was_training = model.training
     model.eval()
     try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def recent_window(prime: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The repetition penalty's window (B, W): the last W prime ids per stream, oldest first, padded with V (empty).
+    Step t overwrites slot t % W, the oldest."""
+    pad = torch.full((prime.size(0), REPETITION_WINDOW), vocab_size, dtype=torch.long, device=prime.device)
+    return torch.cat([pad, prime], 1)[:, -REPETITION_WINDOW:].contiguous()
+
+
+@torch.inference_mode()
+def sample_batch(model: CharRNN, prime: torch.Tensor, length: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+                 stops: list[torch.Tensor] = (), on_step=None) -> Generated:
+    """Warm the state on `prime` (B, P) in one call, then sample up to `length` ids per stream, one recurrent step
+    per character, never re-reading the context.
+
+    `stops` are 1-D id tensors: a stream ends with the first one it generates, and the batch ends once every stream
+    has (checked every 16 steps, to keep device syncs rare). `on_step(ids, live)` receives each new (B,) column and
+    the mask of the streams that had not ended before it, for streaming.
+    """
+    n_streams, device = prime.size(0), prime.device
+    with eval_mode(model):
         logits, state = model(prime)
         last = logits[:, -1]  # (B, V)
         step = Stepper(model, state)
-        out = torch.empty(prime.size(0), length, dtype=torch.long, device=prime.device)
+        out = torch.zeros(n_streams, length, dtype=torch.long, device=device)
+        lengths = torch.full((n_streams,), length, dtype=torch.long, device=device)
+        stopped = torch.zeros(n_streams, dtype=torch.bool, device=device)
+        logprob = torch.zeros(n_streams, dtype=torch.float64, device=device)
+        recent = recent_window(prime, last.size(-1)) if repetition_penalty != 1 else None
+        made = 0
         for t in range(length):
-            nxt = pick_next(last, temperature, top_k, generator)  # (B,)
+            scores = last if recent is None else penalize(last, recent, repetition_penalty)
+            nxt = pick_next(scores, temperature, top_k, generator, top_p)  # (B,)
             out[:, t] = nxt
+            live = ~stopped
+            logprob += F.log_softmax(last.double(), -1).gather(1, nxt[:, None]).squeeze(1) * live
+            made = t + 1
+            if recent is not None:
+                recent[:, t % REPETITION_WINDOW] = nxt
             if on_step is not None:
-                on_step(nxt)
-            if t + 1 < length:
+                on_step(nxt, live)
+            for stop in stops:
+                if made >= len(stop):
+                    hit = (out[:, made - len(stop):made] == stop).all(1) & live  # (B,)
+                    lengths = torch.where(hit & ~stopped, made, lengths)
+                    stopped = stopped | hit
+            if stops and made % 16 == 0 and bool(stopped.all()):
+                break
+            if made < length:
                 last = step(nxt)
-        return out
-    finally:
-        model.train(was_training)
+        return Generated(out[:, :made], lengths, stopped, logprob)  # an early end means every stream stopped
+
+
+def generate(model: CharRNN, prime: torch.Tensor, length: int, temperature: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """The (B, length) ids of plain temperature / top-k sampling: the trainer's progress samples, the benchmark."""
+    return sample_batch(model, prime, length, temperature, top_k, generator=generator).ids
+
+
+def first_stop(ids: list[int], stops: list[list[int]]) -> int | None:
+    """Where `ids` ends if cut after the first stop sequence in it (None: no stop occurs)."""
+    ends = [i + len(s) for s in stops for i in range(len(ids) - len(s) + 1) if ids[i:i + len(s)] == s]
+    return min(ends) if ends else None
+
+
+@torch.inference_mode()
+def beam_search(model: CharRNN, prime: torch.Tensor, length: int, beam: int, repetition_penalty: float = 1.0,
+                stops: list[list[int]] = ()) -> Generated:
+    """The likeliest continuation of `prime` (1, P) of `length` characters, keeping the `beam` best partial
+    continuations at each step (by summed log-probability, after the repetition penalty). The state is reordered
+    and the history kept as back-pointers, so each step costs O(beam), not O(length). With `stops` the result is
+    cut after the first stop string in it."""
+    with eval_mode(model):
+        logits, state = model(prime)
+        last = logits[:, -1]  # (1, V) and then (beam, V)
+        vocab_size = last.size(-1)
+        width = min(beam, vocab_size)
+        step = Stepper(model, state)
+        score = torch.zeros(1, dtype=torch.float64, device=prime.device)
+        recent = recent_window(prime, vocab_size) if repetition_penalty != 1 else None
+        parents, chars, gains = [], [], []
+        for t in range(length):
+            logp = F.log_softmax(last.double(), -1)  # (b, V): the model's own log-probabilities
+            search = logp if recent is None else F.log_softmax(penalize(last, recent, repetition_penalty).double(), -1)
+            score, index = (score[:, None] + search).flatten().topk(width)  # (width,), best first
+            parent, ch = index // vocab_size, index % vocab_size
+            parents.append(parent)
+            chars.append(ch)
+            gains.append(logp[parent, ch])
+            if recent is not None:
+                recent = recent[parent]
+                recent[:, t % REPETITION_WINDOW] = ch
+            if t + 1 < length:
+                step.reorder(parent)
+                last = step(ch)
+        ids, logps, k = [], [], 0
+        if length:
+            parents_, chars_, gains_ = (torch.stack(x).tolist() for x in (parents, chars, gains))
+            for t in reversed(range(length)):  # follow the back-pointers from the best final continuation
+                ids.append(chars_[t][k])
+                logps.append(gains_[t][k])
+                k = parents_[t][k]
+        ids, logps = ids[::-1], logps[::-1]
+        end = first_stop(ids, list(stops))
+        kept = length if end is None else end
+        return Generated(torch.tensor([ids], dtype=torch.long), torch.tensor([kept]), torch.tensor([end is not None]),
+                         torch.tensor([sum(logps[:kept])], dtype=torch.float64))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -167,6 +290,12 @@ class Stepper:
                 h = torch.tanh(torch.addmm(w[1], torch.cat([inp, h], 1), w[0]))
             self.h[l] = inp = h
         return torch.addmm(self.head_b, inp, self.head_w)  # (B, V)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the streams `index` (B',), in that order: a beam search's surviving continuations."""
+        self.h = [h[index] for h in self.h]
+        if self.c is not None:
+            self.c = [c[index] for c in self.c]
 
     def state(self) -> State:
         h = torch.stack(self.h)
