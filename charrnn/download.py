@@ -27,6 +27,7 @@ from tqdm import tqdm
 from unidecode import unidecode
 
 from .errors import CharrnnError, UsageError
+from .files import write_atomic
 
 BOOKS: dict[str, tuple[int, str]] = {
     "andersen": (27200, "Fairy Tales of Hans Christian Andersen"),
@@ -249,20 +250,6 @@ def _describe(error: BaseException) -> str:
     return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace, so `path` is never half-written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def download_book(
     book: str,
     out_dir: str | Path = "data",
@@ -311,7 +298,7 @@ def download_book(
             body = unidecode(body)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, body)
+            write_atomic(path, body.encode("utf-8"))
         except OSError as error:
             raise CharrnnError(f"cannot write {path}: {error.strerror or error}; check the --out folder") from error
         log(f"saved {path} ({len(body):,} characters)")
