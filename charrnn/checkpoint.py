@@ -3,18 +3,22 @@
 A checkpoint holds the model args and weights, the resolved config, the vocabulary, optimizer and schedule state, the
 step and data position, RNG states, the carried hidden state and metrics: enough to sample from it alone, or to
 resume a run exactly. No pickled objects, so loading one runs no code; tensors are saved from the CPU so it loads
-anywhere. `RunCheckpoints` is the run directory's policy: when to save, which files to keep, best.pt never replaced
-by a worse model, and what a failed write does.
+anywhere. A `.safetensors` file (`charrnn export --format safetensors`) holds the weights, vocabulary and config
+without the training state: enough to sample, evaluate and fine-tune, not to resume. `RunCheckpoints` is the run
+directory's policy: when to save, which files to keep, best.pt never replaced by a worse model, and what a failed
+write does.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,22 +61,67 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "not found"
         raise CharrnnError(f"checkpoint {path} {what}: pass the path of a .pt file written by `charrnn train`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (?:global: GLOBAL|operand) ?\S*", str(e))
-        why = f" ({found.group(0).strip()})" if found else ""
-        raise CharrnnError(f"checkpoint {path} was refused: it holds objects that are not plain data{why}; "
-                           f"only load checkpoints written by charrnn") from None
-    except Exception as e:  # torch's loader raises many types for a torn or foreign file
-        raise CharrnnError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
-                           f"use another checkpoint, e.g. the run's best.pt or last.pt") from None
+    if path.suffix == ".safetensors":
+        ckpt = _load_safetensors(path)
+    else:
+        try:
+            with warnings.catch_warnings():  # a foreign pickle's protocol is reported by the refusal below, if at all
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported (?:global: GLOBAL|operand) ?\S*", str(e))
+            why = f" ({found.group(0).strip()})" if found else ""
+            raise CharrnnError(f"checkpoint {path} was refused: it holds objects that are not plain data{why}; "
+                               f"only load checkpoints written by charrnn") from None
+        except Exception as e:  # torch's loader raises many types for a torn or foreign file
+            raise CharrnnError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
+                               f"use another checkpoint, e.g. the run's best.pt or last.pt") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CharrnnError(f"{path} is not a charrnn checkpoint: pass a .pt file written by `charrnn train`")
     version = ckpt.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CharrnnError(f"checkpoint {path} has format version {version}, newer than this charrnn reads "
                            f"({FORMAT_VERSION}): upgrade charrnn")
+    return ckpt
+
+
+SAFETENSORS_KEYS = ("format", "format_version", "model_args", "vocab", "config", "position", "metrics",
+                    "torch_version", "device")  # the entries an export keeps, as JSON in the metadata
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CharrnnError("safetensors files need the safetensors package: pip install 'charrnn[safetensors]'") \
+            from None
+    return safetensors.torch
+
+
+def save_safetensors(ckpt: dict, path: str | Path) -> Path:
+    """Write a checkpoint's weights (and lines-mode known items) as safetensors, its vocabulary, config and progress
+    as JSON metadata, atomically."""
+    tensors = {f"model.{k}": v.contiguous() for k, v in ckpt["model"].items()}
+    if ckpt.get("known_items") is not None:
+        tensors["known_items"] = ckpt["known_items"]
+    meta = json.dumps({k: ckpt.get(k) for k in SAFETENSORS_KEYS}, ensure_ascii=False)
+    return write_atomic(path, _safetensors().save(tensors, metadata={"charrnn": meta}))
+
+
+def _load_safetensors(path: Path) -> dict:
+    """The checkpoint dict of a `save_safetensors` file (no optimizer or training state); parsing it runs no code."""
+    st = _safetensors()
+    try:
+        with st.safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        ckpt = json.loads(meta["charrnn"]) if "charrnn" in meta else {}
+    except Exception as e:  # safetensors raises its own error types for a torn or foreign file
+        raise CharrnnError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): "
+                           f"export it again, or use the run's best.pt") from None
+    if isinstance(ckpt, dict):
+        ckpt["model"] = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        ckpt["known_items"] = tensors.get("known_items")
     return ckpt
 
 

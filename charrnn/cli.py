@@ -61,6 +61,9 @@ def cmd_train(args) -> int:
             raise UsageError(f"--resume auto: {run_dir} holds no last.pt, and a new run needs --config")
     elif args.resume:
         ckpt = checkpoint.load(args.resume)
+        if "optimizer" not in ckpt:
+            raise UsageError(f"--resume {args.resume}: an exported file holds no training state to continue; resume "
+                             f"from the run's last.pt, or fine-tune from it with --init-from")
         run_dir = run_dir or Path(args.resume).parent
     if run_dir is None:
         run_dir = Path("checkpoints") / Path(args.config).stem
@@ -96,7 +99,8 @@ def _add_sample(sub) -> None:
                                    "charrnn sample --checkpoint checkpoints/andersen/best.pt --temperature 0.5 "
                                    "--top-k 5 --prime 'The ';  charrnn sample --checkpoint checkpoints/names/best.pt "
                                    "--lines 1000 --novel --unique")
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by charrnn train")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt file written by charrnn train, or a .safetensors file written by charrnn export")
     primes = p.add_mutually_exclusive_group()
     primes.add_argument("--prime", help="text that starts every sample, in the model's characters "
                                         "(default: the run's sample.prime)")
@@ -183,6 +187,9 @@ def cmd_sample(args) -> int:
     if args.output and Path(args.output).exists() and not args.force:
         raise UsageError(f"--output {args.output} already exists: pass --force to replace it")
     sampler = Sampler.from_checkpoint(args.checkpoint, args.device)
+    if args.top_k is not None and args.top_k > len(sampler.vocab) and not args.beam:
+        print(f"note: --top-k {args.top_k} is more than the model's {len(sampler.vocab)} characters: sampling among "
+              f"all of them", file=sys.stderr)
     common = {"length": args.length, "top_k": args.top_k, "top_p": args.top_p,
               "repetition_penalty": args.repetition_penalty, "seed": args.seed}
     out = open(args.output, "w" if args.force else "x", encoding="utf-8") if args.output else sys.stdout
@@ -294,22 +301,33 @@ def cmd_env(args) -> int:
     return 0
 
 
+EXPORT_SUFFIX = {"torchscript": ".ts", "safetensors": ".safetensors"}
+
+
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as a TorchScript sampler that needs only torch",
-                       description="Export a model for use without charrnn. Example: charrnn export --checkpoint "
-                                   "checkpoints/andersen/best.pt --format torchscript")
+    p = sub.add_parser("export", help="write a checkpoint as a TorchScript sampler that needs only torch, or as "
+                                      "safetensors",
+                       description="Export a model for use without charrnn (torchscript) or without pickle "
+                                   "(safetensors, needs pip install 'charrnn[safetensors]'). Example: charrnn export "
+                                   "--checkpoint checkpoints/andersen/best.pt --format torchscript")
     p.add_argument("--checkpoint", required=True, help="a .pt file written by charrnn train")
-    p.add_argument("--format", choices=["torchscript"], default="torchscript", help="the export format")
-    p.add_argument("--output", metavar="FILE", help="where to write it (default: the checkpoint's path with .ts)")
+    p.add_argument("--format", choices=sorted(EXPORT_SUFFIX), default="torchscript", help="the export format")
+    p.add_argument("--output", metavar="FILE",
+                   help="where to write it (default: the checkpoint's path with .ts or .safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    from .export import export_torchscript
+    from .export import export_safetensors, export_torchscript
 
-    path = export_torchscript(args.checkpoint, args.output or Path(args.checkpoint).with_suffix(".ts"), args.force)
-    print(f"wrote {path}; load it with torch alone: torch.jit.load({str(path)!r})(\"The \", 200, 0.8, 0, 1)")
+    out = args.output or Path(args.checkpoint).with_suffix(EXPORT_SUFFIX[args.format])
+    if args.format == "safetensors":
+        path = export_safetensors(args.checkpoint, out, args.force)
+        print(f"wrote {path}; sample from it with: charrnn sample --checkpoint {path}")
+    else:
+        path = export_torchscript(args.checkpoint, out, args.force)
+        print(f"wrote {path}; load it with torch alone: torch.jit.load({str(path)!r})(\"The \", 200, 0.8, 0, 1)")
     return 0
 
 

@@ -19,6 +19,16 @@ import yaml
 from .errors import UsageError
 
 
+def _known_encoding(name: str) -> bool:
+    try:
+        "\n".encode(name)  # a LookupError for unknown names and for bytes-to-bytes codecs (base64)
+    except LookupError:
+        return False
+    except UnicodeError:  # a text encoding that has no newline
+        pass
+    return True
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "data/andersen.txt"  # the training text
@@ -38,6 +48,8 @@ class DataConfig:
         _check(self.max_vocab >= 0, "data.max_vocab", "must be >= 0", self.max_vocab)
         _check(self.min_freq >= 1, "data.min_freq", "must be >= 1", self.min_freq)
         _check(bool(self.path), "data.path", "must name a text file", self.path)
+        _check(_known_encoding(self.encoding), "data.encoding", "must be a text encoding Python knows, e.g. utf-8 or "
+               "latin-1", self.encoding)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ them, so row b of batch i+1 continues row b of batch i and the hidden state can 
                 6  7  8 |  9 10 11                  7  8  9 | 10 11 12
                 batch 0   batch 1
 
+Files are read in chunks (`iter_text`): decoded incrementally, a BOM dropped, CRLF and CR turned into LF, a binary
+file refused. A plain text is never held whole as a string: `Corpus` counts its characters in one pass over the file
+and encodes them in a second, so a text of gigabytes trains in about one byte of memory per character.
+
 The corpus lives once on the training device in its narrow id dtype; batches are slices of it, widened to int64
 only for the (B, T) slice the model reads.
 
@@ -18,22 +22,50 @@ items are shuffled with a fixed seed (lists are often sorted, and the order woul
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import math
 import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import DataConfig
 from .errors import CharrnnError
+from .vocab import Vocab, count_chars
 
 BOUNDARY = "\n"  # lines mode: what precedes and follows every item
+CHUNK_BYTES = 16 << 20  # bytes of the file decoded at a time: bounds the memory a text of any size needs to read
+SNIFF_BYTES = 8192  # the head of the file checked for binary content before decoding
+CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\v\f\r\x1b") + b"\x7f"  # never in plain text
+MAX_CONTROL = 0.05  # a head with more control bytes than this fraction is binary
+WIDE_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+             (codecs.BOM_UTF16_BE, "utf-16")]  # UTF-32 first: its little-endian BOM starts with UTF-16's
 
 
-def read_text(path: str | Path, encoding: str = "utf-8", download_hint: str = "") -> str:
-    """Read a training text, dropping a BOM and turning CRLF/CR line endings into LF."""
+def _sniff(path: Path, head: bytes, encoding: str) -> None:
+    """Refuse, before decoding, a binary file and a UTF-16/32 one read with a byte-wide encoding (UTF-8, latin-1):
+    the head holds a NUL byte or more than MAX_CONTROL control bytes, or starts with a UTF-16/32 byte order mark."""
+    for bom, name in WIDE_BOMS:
+        if head.startswith(bom):
+            raise CharrnnError(f"text file {path} is {name.upper()} text (it starts with a {name} byte order mark), "
+                               f"not {encoding}: set data.encoding={name}")
+    nul = head.find(0)
+    control = sum(head.count(b) for b in CONTROL_BYTES)
+    if nul >= 0 or control > MAX_CONTROL * len(head):
+        why = f"a NUL byte at offset {nul}" if nul >= 0 else \
+            f"{control:,} of its first {len(head):,} bytes are control characters"
+        utf16 = " (or, if it is UTF-16 text, set data.encoding=utf-16)" if nul >= 0 else ""
+        raise CharrnnError(f"text file {path} looks binary, not text ({why}): use a plain text file{utf16}")
+
+
+def iter_text(path: str | Path, encoding: str = "utf-8", download_hint: str = "") -> Iterator[str]:
+    """The text of a file, decoded in chunks of about CHUNK_BYTES: a BOM dropped, CRLF and CR line endings turned
+    into LF (across chunk boundaries too). A missing, unreadable, binary or undecodable file is a one-line error."""
     path = Path(path)
     if not path.exists():
         hint = (f"run `charrnn download --gutenberg {download_hint}`" if download_hint
@@ -42,36 +74,129 @@ def read_text(path: str | Path, encoding: str = "utf-8", download_hint: str = ""
     if path.is_dir():
         raise CharrnnError(f"text file {path} is a directory: point data.path at a text file")
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CharrnnError(f"text file {path} could not be read ({e.strerror}): check its permissions") from None
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise CharrnnError(f"text file {path} is not valid {encoding} (byte {e.start}): "
-                           f"set data.encoding (e.g. --set data.encoding=latin-1)") from None
+        decoder = codecs.getincrementaldecoder(encoding)()
+        wide = len("\n\n".encode(encoding)) - len("\n".encode(encoding)) > 1  # UTF-16/32: NULs are text
     except LookupError:
         raise CharrnnError(f"data.encoding {encoding!r} is not a known encoding: use e.g. utf-8 or latin-1") from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    offset, chars, cr, started = 0, 0, "", False
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(CHUNK_BYTES)
+                if not offset and not wide:
+                    _sniff(path, raw[:SNIFF_BYTES], encoding)
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    held = len(e.object) - len(raw)  # bytes of the previous chunk the decoder was holding
+                    raise CharrnnError(f"text file {path} is not valid {encoding} (byte {offset - held + e.start:,}): "
+                                       f"set data.encoding (e.g. --set data.encoding=latin-1)") from None
+                offset += len(raw)
+                if not started and text:
+                    text, started = text.removeprefix("\ufeff"), True
+                text = cr + text
+                cr = "\r" if raw and text.endswith("\r") else ""  # it may start a CRLF split by the chunk boundary
+                text = text[:len(text) - len(cr)].replace("\r\n", "\n").replace("\r", "\n")
+                nul = text.find("\x00")
+                if nul >= 0:
+                    raise CharrnnError(f"text file {path} holds a NUL character (character {chars + nul:,}), so it "
+                                       f"looks binary, not text: use a plain text file")
+                chars += len(text)
+                if text:
+                    yield text
+                if not raw:
+                    return
+    except OSError as e:
+        raise CharrnnError(f"text file {path} could not be read ({e.strerror or e}): check its permissions") from None
 
 
-def read_corpus(data: DataConfig, path: str | Path | None = None) -> str:
-    """The text a run trains on: the file at `path` (default `data.path`) read as `data` says (header lines
-    skipped, ASCII, lines layout), so training and `charrnn eval` see a text the same way."""
-    text = read_text(path or data.path, data.encoding, data.gutenberg)
-    if data.skip_lines:
-        parts = text.split("\n", data.skip_lines)
-        text = parts[-1] if len(parts) > data.skip_lines else ""
+def read_text(path: str | Path, encoding: str = "utf-8", download_hint: str = "") -> str:
+    """Read a whole text file as `iter_text` decodes it."""
+    return "".join(iter_text(path, encoding, download_hint))
+
+
+def _skip_lines(chunks: Iterable[str], n: int) -> Iterator[str]:
+    """The chunks of a text without its first `n` lines."""
+    for chunk in chunks:
+        pos = 0
+        while n and pos < len(chunk):
+            cut = chunk.find("\n", pos)
+            if cut < 0:
+                pos = len(chunk)
+            else:
+                pos, n = cut + 1, n - 1
+        if pos < len(chunk):
+            yield chunk[pos:]
+
+
+def _check_content(path: str | Path, counts: Counter) -> None:
+    """Refuse a text with nothing to learn: empty, or only whitespace."""
+    if not counts:
+        raise CharrnnError(f"text file {path} is empty: point data.path at a text with content")
+    if all(c.isspace() for c in counts):
+        raise CharrnnError(f"text file {path} holds only whitespace ({sum(counts.values()):,} characters): point "
+                           f"data.path at a text with content")
+
+
+def _laid_out(data: DataConfig, path: str | Path) -> str:
+    """The whole text as a string: header lines skipped, ASCII, lines layout."""
+    text = "".join(_skip_lines(iter_text(path, data.encoding, data.gutenberg), data.skip_lines))
     if data.ascii:
         from unidecode import unidecode
         text = unidecode(text)
     if data.mode == "lines":  # shuffled, always the same way: a sorted list would teach the order, not the items
         items = line_items(text)
         random.Random(0).shuffle(items)
-        text = "".join(BOUNDARY + item for item in items) + BOUNDARY
-    if not text.strip():
-        raise CharrnnError(f"text file {path or data.path} is empty: point data.path at a text with content")
+        text = "".join(BOUNDARY + item for item in items) + BOUNDARY if items else ""
     return text
+
+
+def read_corpus(data: DataConfig, path: str | Path | None = None) -> str:
+    """The text a run trains on: the file at `path` (default `data.path`) read as `data` says (header lines
+    skipped, ASCII, lines layout), so training and `charrnn eval` see a text the same way."""
+    path = path or data.path
+    text = _laid_out(data, path)
+    _check_content(path, count_chars(text))
+    return text
+
+
+class Corpus:
+    """The training text as `read_corpus` sees it, with its character counts (`counts`, `length`) for building the
+    vocabulary, and `encode` into ids.
+
+    A plain text (text mode, no ASCII) is never held as a string: it is streamed from the file twice, in chunks,
+    once to count the characters and once to encode them into one array of the vocabulary's narrow dtype, so a
+    text of gigabytes needs about one byte of memory per character. A lines-mode or ASCII text is held as a string.
+    """
+
+    def __init__(self, data: DataConfig):
+        self.data, self.path = data, Path(data.path)
+        streamed = data.mode == "text" and not data.ascii
+        self.text = None if streamed else _laid_out(data, self.path)
+        self.counts, self.length = Counter(), 0
+        for chunk in self._chunks():
+            self.counts.update(count_chars(chunk))
+            self.length += len(chunk)
+        _check_content(self.path, self.counts)
+
+    def _chunks(self) -> Iterable[str]:
+        if self.text is not None:
+            return [self.text]
+        return _skip_lines(iter_text(self.path, self.data.encoding, self.data.gutenberg), self.data.skip_lines)
+
+    def encode(self, vocab: Vocab) -> torch.Tensor:
+        """The text as a 1-D tensor of ids in the vocabulary's dtype (see `Vocab.encode`)."""
+        out = np.empty(self.length, dtype=np.dtype(str(vocab.dtype).removeprefix("torch.")))
+        pos, grew = 0, False
+        for chunk in self._chunks():
+            grew = pos + len(chunk) > self.length
+            if grew:
+                break
+            out[pos:pos + len(chunk)] = vocab.encode(chunk).numpy()
+            pos += len(chunk)
+        if grew or pos != self.length:
+            raise CharrnnError(f"text file {self.path} changed while it was read: train again once it is written")
+        return torch.from_numpy(out)
 
 
 def line_items(text: str) -> list[str]:

@@ -1,4 +1,6 @@
-"""`charrnn export --format torchscript`: one TorchScript file that samples text with torch alone, no charrnn.
+"""`charrnn export`: `--format torchscript` writes one TorchScript file that samples text with torch alone, no charrnn;
+`--format safetensors` writes the weights, vocabulary and config as safetensors (no pickle), which `charrnn sample`,
+`eval`, `info` and `--init-from` read like a checkpoint (needs `pip install 'charrnn[safetensors]'`).
 
 The network (the model's own `forward`, traced) and a scripted sampling loop with the vocabulary travel in the file:
 
@@ -77,6 +79,16 @@ class ExportedSampler(nn.Module):
             out.append(self.chars[nxt])
             logits, h, c = self.network(torch.tensor([[nxt]]), h, c)
         return "".join(out)
+
+
+def export_safetensors(ckpt_path: str | Path, out_path: str | Path, force: bool = False) -> Path:
+    """Write the checkpoint's weights, vocabulary and config as a safetensors file at `out_path`."""
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise UsageError(f"{out_path} already exists: pass --force to overwrite it, or --output another path")
+    ckpt = checkpoint.load(ckpt_path)
+    checkpoint.restore_model(ckpt)  # a file that does not describe a model is refused here, not when it is read
+    return checkpoint.save_safetensors(ckpt, out_path)
 
 
 def export_torchscript(ckpt_path: str | Path, out_path: str | Path, force: bool = False) -> Path:

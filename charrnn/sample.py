@@ -78,8 +78,8 @@ class Sampler:
     # --- settings -----------------------------------------------------------------------------------------------
 
     def _settings(self, length, temperature, top_k, top_p, repetition_penalty, seed) -> dict:
-        """The effective settings (None takes the run's `sample` config), checked; a missing seed is drawn so that
-        it can be reported and the text reproduced."""
+        """The effective settings (None takes the run's `sample` config), checked, top_k clamped to the vocabulary
+        size; a missing seed is drawn so that it can be reported and the text reproduced."""
         s = self.settings
         out = {"length": s.length if length is None else length,
                "temperature": s.temperature if temperature is None else temperature,
@@ -96,6 +96,7 @@ class Sampler:
                                      ">= 1 (1: off)")]:
             if not ok:
                 raise UsageError(f"{flag} must be {rule} (got {out[key]})")
+        out["top_k"] = min(out["top_k"], len(self.vocab))  # k above the vocabulary keeps every character
         return out
 
     def _ids(self, text: str, what: str) -> torch.Tensor:

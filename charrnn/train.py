@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import RunConfig, config_from_dict
-from .data import Batcher, known_items, read_corpus, split_ids
+from .data import Batcher, Corpus, known_items, split_ids
 from .errors import CharrnnError, UsageError
 from .model import CharRNN, ModelArgs, State, detach_state, generate, resolve_device
 from .vocab import Vocab, show_chars
@@ -49,19 +49,37 @@ def lr_at(cfg, step: int, progress: float) -> float:
 
 
 def load_corpus(cfg: RunConfig, vocab: Vocab | None = None, extend: bool = False) -> tuple[Vocab, torch.Tensor]:
-    """Read (see `read_corpus`) and encode the training text; build the vocabulary unless one is given (resume,
+    """Read (see `data.Corpus`) and encode the training text; build the vocabulary unless one is given (resume,
     fine-tune). `extend` adds the text's new characters to a given vocabulary (a fine-tune with --extend-vocab)."""
-    text = read_corpus(cfg.data)
+    corpus = Corpus(cfg.data)
     if vocab is None:
-        vocab = Vocab.build(text, cfg.data.max_vocab, cfg.data.min_freq)
-    elif (extend or not vocab.unk) and vocab.unknown(text):
-        bad = vocab.unknown(text)
+        vocab = Vocab.from_counts(corpus.counts, cfg.data.max_vocab, cfg.data.min_freq)
+    elif (extend or not vocab.unk) and (bad := sorted(c for c in corpus.counts if c not in vocab)):
         if not extend:
             raise UsageError(f"{cfg.data.path} has {len(bad)} character(s) outside the checkpoint's vocabulary: "
                              f"{show_chars(bad)}; train on a text over the same characters, or fine-tune with "
                              f"--init-from CKPT --extend-vocab to add them")
         vocab = Vocab(sorted(vocab.chars + bad), unk=vocab.unk)
-    return vocab, vocab.encode(text)
+    return vocab, corpus.encode(vocab)
+
+
+def check_length(cfg: RunConfig, n_train: int) -> None:
+    """Refuse a training split shorter than one full batch, saying how many characters a batch needs and which
+    smaller batch shape fits, rather than train silently on shorter sequences than train.n_steps asks for."""
+    t = cfg.train
+    need = t.n_seqs * t.n_steps + 1  # the targets are the inputs shifted by one character
+    if n_train >= need:
+        return
+    if n_train - 1 >= t.n_seqs:
+        fix = f", or a smaller batch: --set train.n_steps={(n_train - 1) // t.n_seqs}"
+    elif n_train >= 2:
+        fix = f", or a smaller batch: --set train.n_seqs=1 --set train.n_steps={n_train - 1}"
+    else:
+        fix = ""
+    split = f" after data.val_fraction {cfg.data.val_fraction:g}" if cfg.data.val_fraction else ""
+    raise CharrnnError(f"text file {cfg.data.path} is too short: {n_train:,} training characters{split}, and one "
+                       f"batch of train.n_seqs x train.n_steps = {t.n_seqs} x {t.n_steps} needs {need:,}: use a "
+                       f"longer text{fix}")
 
 
 def capture_rng() -> dict:
@@ -152,6 +170,7 @@ class Trainer:
         self.vocab, ids = load_corpus(cfg, Vocab.from_dict(given["vocab"]) if given else None,
                                       extend=extend_vocab and init_from is not None)
         train_ids, val_ids = split_ids(ids, cfg.data.val_fraction)
+        check_length(cfg, len(train_ids))
         self.train_data = Batcher(train_ids, t.n_seqs, t.n_steps, self.device)
         self.val_data = Batcher(val_ids, min(t.n_seqs, max(1, len(val_ids) - 1)), t.n_steps, self.device) \
             if len(val_ids) > 1 else None

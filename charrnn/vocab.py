@@ -52,7 +52,11 @@ class Vocab:
     @classmethod
     def build(cls, text: str, max_vocab: int = 0, min_freq: int = 1) -> "Vocab":
         """All characters of `text`, sorted; with `max_vocab`/`min_freq`, the rare ones share the UNK symbol."""
-        counts = count_chars(text)
+        return cls.from_counts(count_chars(text), max_vocab, min_freq)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, max_vocab: int = 0, min_freq: int = 1) -> "Vocab":
+        """`build` from character frequencies (a text streamed in chunks, see `data.Corpus`)."""
         kept = [c for c, n in counts.items() if n >= min_freq]
         needs_unk = len(kept) < len(counts)
         if max_vocab and len(kept) + needs_unk > max_vocab:  # keep the most frequent, leaving room for UNK

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from charrnn.data import Batcher, read_text, split_ids
+from charrnn import data
+from charrnn.config import DataConfig
+from charrnn.data import Batcher, Corpus, iter_text, read_text, split_ids
 from charrnn.errors import CharrnnError
 from charrnn.train import Trainer
+from charrnn.vocab import Vocab
 
 
 @pytest.mark.parametrize("n, B, T", [(101, 4, 5), (200, 3, 7), (50, 1, 10), (64, 8, 4)])
@@ -151,3 +154,61 @@ def test_unknown_encoding_name(tmp_path):
     path.write_text("abc", encoding="utf-8")
     with pytest.raises(CharrnnError, match="encoding"):
         read_text(path, encoding="no-such-codec")
+
+
+# --- reading in chunks: the same text whatever the chunk size --------------------------------------------------
+
+MESSY = "\ufeffAb\r\ncd\re\u00e9\r\n\r\n\u4f60\U0001f600\r\rx\r\ny\r"  # BOM, CRLF, CR, 2-4 byte characters
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1 << 20])
+def test_chunked_reading_matches_whole_file(tmp_path, monkeypatch, chunk):
+    path = tmp_path / "t.txt"
+    path.write_bytes(MESSY.encode("utf-8"))
+    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    chunks = list(iter_text(path))
+    assert "".join(chunks) == "Ab\ncd\ne\u00e9\n\n\u4f60\U0001f600\n\nx\ny\n"
+    assert len(chunks) > 1 or chunk > 100
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 1 << 20])
+def test_corpus_streams_the_same_ids(tmp_path, monkeypatch, chunk):
+    path = tmp_path / "t.txt"
+    path.write_bytes(("head 1\r\nhead 2\r\n" + MESSY * 3).encode("utf-8"))
+    expected = read_text(path).split("\n", 2)[2]
+    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    corpus = Corpus(DataConfig(path=str(path), skip_lines=2))
+    vocab = Vocab.from_counts(corpus.counts)
+    assert corpus.text is None and corpus.length == len(expected) and vocab.chars == Vocab.build(expected).chars
+    ids = corpus.encode(vocab)
+    assert ids.dtype == torch.uint8 and torch.equal(ids, vocab.encode(expected))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_decode_error_names_the_byte_across_chunks(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    path = tmp_path / "t.txt"
+    for content, byte in ((b"ab\xc3\xa9cd\xffgh", 6), (b"ab\xc3\xa9cd\xc3", 6)):  # a bad byte; a torn last char
+        path.write_bytes(content)
+        with pytest.raises(CharrnnError, match=f"not valid utf-8 \\(byte {byte}\\)"):
+            read_text(path)
+
+
+def test_nul_in_a_wide_encoding(tmp_path):
+    """UTF-16 text is full of NUL bytes and reads fine; a NUL character in it is refused."""
+    ok, bad = tmp_path / "ok.txt", tmp_path / "bad.txt"
+    ok.write_bytes("abc".encode("utf-16"))
+    bad.write_bytes("ab\x00c".encode("utf-16"))
+    assert read_text(ok, "utf-16") == "abc"
+    with pytest.raises(CharrnnError, match=r"holds a NUL character \(character 2\)"):
+        read_text(bad, "utf-16")
+
+
+def test_text_changed_between_the_passes(tmp_path):
+    path = tmp_path / "t.txt"
+    for after in ("abcdefgh" * 10, "abc"):
+        path.write_text("abcdefgh" * 5, encoding="utf-8")
+        corpus = Corpus(DataConfig(path=str(path)))
+        path.write_text(after, encoding="utf-8")
+        with pytest.raises(CharrnnError, match="changed while it was read"):
+            corpus.encode(Vocab.from_counts(corpus.counts))

@@ -1,5 +1,6 @@
-"""`charrnn info`, `charrnn env` and `charrnn export`: what a checkpoint holds, what the machine offers, and a
-TorchScript file that samples in a process that never imports charrnn."""
+"""`charrnn info`, `charrnn env` and `charrnn export`: what a checkpoint holds, what the machine offers, a
+TorchScript file that samples in a process that never imports charrnn, and a safetensors file that charrnn reads
+like a checkpoint."""
 
 import json
 import subprocess
@@ -84,3 +85,37 @@ def test_export_gru(tmp_path, make_cfg):
     assert main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--output", str(out)]) == 0
     greedy = Sampler.from_checkpoint(tmp_path / "run" / "last.pt", "cpu").generate("The ", 30, temperature=0.0)[0]
     assert torch.jit.load(str(out))("The ", 30, 0.0, 0, 0) == greedy
+
+
+def test_safetensors_export_samples_evaluates_and_fine_tunes(trained_best, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", str(trained_best), "--format", "safetensors", "--output", "m.safetensors"]
+                ) == 0
+    assert "wrote m.safetensors" in capsys.readouterr().out
+    assert open("m.safetensors", "rb").read(9)[8:] == b"{" and not list(tmp_path.glob(".*tmp*"))  # a JSON header
+    outputs = []
+    for path in (str(trained_best), "m.safetensors"):
+        for argv in (["sample", "--checkpoint", path, "--seed", "5", "--length", "80"],
+                     ["eval", "--checkpoint", path, "--split", "val"], ["info", "--checkpoint", path, "--json"]):
+            assert main(argv) == 0
+            outputs.append(capsys.readouterr().out)
+    for original, exported in zip(outputs[:2], outputs[3:5]):
+        assert original == exported and original  # the same text for the same seed; the same val loss
+    info, exported = json.loads(outputs[2]), json.loads(outputs[5])
+    assert exported == {**info, "checkpoint": "m.safetensors"}
+    assert main(["export", "--checkpoint", str(trained_best), "--format", "safetensors", "--output", "m.safetensors"]
+                ) == 2  # exists: --force
+    tune = {**info["config"], "train": {**info["config"]["train"], "max_steps": 2, "eval_every": 2}}
+    (tmp_path / "tune.yaml").write_text(json.dumps(tune), encoding="utf-8")  # JSON is YAML
+    assert main(["train", "--config", "tune.yaml", "--init-from", "m.safetensors", "--no-progress"]) == 0
+    assert checkpoint.load(tmp_path / "checkpoints" / "tune" / "last.pt")["position"]["step"] == 2
+
+
+def test_safetensors_without_the_package(trained_best, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if it were not installed
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(trained_best), "--format", "safetensors", "--output", str(out)]) == 1
+    assert capsys.readouterr().err == ("charrnn: error: safetensors files need the safetensors package: "
+                                       "pip install 'charrnn[safetensors]'\n")
+    assert not out.exists()

@@ -36,6 +36,7 @@ def test_metrics_carry_grad_norm_before_clipping(make_cfg, tmp_path):
 
 
 def test_plot_writes_a_png_with_both_curves_in_both_panels(run_dir, capsys):
+    pytest.importorskip("matplotlib")
     assert main(["plot", str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {run_dir / 'loss.png'}"
     assert (run_dir / "loss.png").read_bytes().startswith(PNG)
