@@ -1,13 +1,14 @@
 """The speed benchmark behind `charrnn bench` and `scripts/bench.py`: what this machine can do, and how close we get.
 
 Every number is measured in this run; ratios compare measurements taken in the same run. Each measurement runs in
-its own spawned process so that its peak RSS is its own.
+its own spawned process so that its peak RSS is its own (`--quick`: all in one process, at toy sizes).
 
 FLOPs per character (H hidden size, I layer input size, V vocabulary, per layer l):
     forward  = sum_l 2 * 4H * (I_l + H)   (the four LSTM gate matmuls; GRU: 3H, RNN: H)
              + 2 * H * V                   (the output layer)
     training = 3 * forward                 (backward costs about twice the forward)
-Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the measured fp32 matmul peak.
+Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the measured matmul peak of its precision
+(fp32, or bf16 for train.precision=bf16 rows where the CPU has AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def synthetic_text(n_chars: int, seed: int = 0) -> str:
 def measure_matmul(quick: bool) -> dict:
     import torch
 
+    from .model import native_bf16
+
     n = 1024 if quick else 2048
     reps = 3 if quick else 10
     out = {}
     dtypes = [("fp32", torch.float32)]
-    if torch.backends.mkldnn.is_available() and _cpu_has_bf16():
+    if torch.backends.mkldnn.is_available() and native_bf16(torch.device("cpu")):
         dtypes.append(("bf16", torch.bfloat16))
     for name, dt in dtypes:
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
@@ -90,24 +93,16 @@ def measure_matmul(quick: bool) -> dict:
     return {"gflops": out, "n": n}
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-def measure_training(config: str, steps: int, naive: bool, overrides: tuple = (), label: str = "") -> dict:
-    """chars/s of our training step (the real Trainer on a synthetic text) and, if `naive`, of a Python loop over
-    time steps calling nn.LSTMCell once per character, at the same sizes."""
-    import torch
-
+def measure_training(config: str, steps: int, naive: bool, overrides: tuple = (), label: str = "",
+                     precision: str = "fp32") -> dict:
+    """chars/s of our training step (the real Trainer on a synthetic text) and, if `naive`, of the naive per-character
+    loop (`_naive_chars_per_s`) at the same sizes and precision."""
     from .config import load_config
     from .train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [f"data.path={tmp}/text.txt", "train.device=cpu", "train.sample_length=0",
-                                   *overrides])
+                                   f"train.precision={precision}", *overrides])
         t = cfg.train
         n_chars = max(4 * t.n_seqs * t.n_steps * (steps + 4), 200_000)
         Path(tmp, "text.txt").write_text(synthetic_text(n_chars), encoding="utf-8")
@@ -124,24 +119,29 @@ def measure_training(config: str, steps: int, naive: bool, overrides: tuple = ()
         m = cfg.model
         flops = train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, len(trainer.vocab))
         cps = t.n_seqs * t.n_steps / (ms / 1000)
-        result = {"config": label or Path(config).stem, "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
+        result = {"config": label or Path(config).stem, "precision": precision,
+                  "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
                   "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9}
         if naive:
-            result["naive_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2))
+            result["naive_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2), precision)
         result["peak_rss_mb"] = peak_rss_mb()
         return result
 
 
-def _naive_chars_per_s(m, vocab: int, t, steps: int) -> float:
+def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str) -> float:
     """The first PyTorch char-rnn ports (spro/char-rnn.pytorch): the model is called once per character, each call
-    running the embedding, the recurrent module on a one-step sequence and the output layer, the loss summed per step."""
+    running the embedding, the recurrent module on a one-step sequence and the output layer, the loss summed per step;
+    Adam and gradient clipping as ours. In bf16 the whole model is bfloat16 (no master weights). Each choice gives the
+    reference the advantage, so the speed-up is a floor."""
     import torch
     from torch import nn
 
     from .model import CharRNN, ModelArgs
 
     model = CharRNN(ModelArgs(vocab_size=vocab, cell=m.cell, embed_size=m.embed_size, hidden_size=m.hidden_size,
-                              num_layers=m.num_layers, dropout=m.dropout))
+                              num_layers=m.num_layers))  # no dropout, as in the ports: its masks would only slow it
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr)
     criterion = nn.CrossEntropyLoss()
     x = torch.randint(0, vocab, (t.n_seqs, t.n_steps))
@@ -153,7 +153,7 @@ def _naive_chars_per_s(m, vocab: int, t, steps: int) -> float:
         loss = 0
         for c in range(t.n_steps):
             logits, state = model(x[:, c:c + 1], state)
-            loss = loss + criterion(logits[:, 0], y[:, c])
+            loss = loss + criterion(logits[:, 0].float(), y[:, c])
         opt.zero_grad()
         (loss / t.n_steps).backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -226,7 +226,11 @@ def _child(fn_name: str, kwargs: dict, queue) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def isolated(fn_name: str, **kwargs) -> dict:
+def _in_process(fn_name: str, **kwargs) -> dict:
+    return globals()[fn_name](**kwargs)
+
+
+def _in_child(fn_name: str, **kwargs) -> dict:
     """Run one measurement in a fresh spawned process and return its result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -246,25 +250,30 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
     import torch
 
     cfgs = Path(configs_dir)
-    steps = 3 if quick else 20
+    steps = 2 if quick else 20
     started = time.perf_counter()
-    mm = isolated("measure_matmul", quick=quick)
-    peak = mm["gflops"]["fp32"]
+    measure = _in_process if quick else _in_child  # quick: no process start-up per measurement
+    toy = ("train.n_seqs=4", "train.n_steps=8") if quick else ()  # quick: every path, at toy sizes
+    mm = measure("measure_matmul", quick=quick)
     grid = ("model.embed_size=64", "model.hidden_size=128", "model.num_layers=2", "train.n_seqs=50",
             "train.n_steps=50")  # torch-rnn's benchmark shape
-    train_rows = [
-        isolated("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=False),
-        isolated("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=True, overrides=grid,
-                 label="2x128 grid"),
-        isolated("measure_training", config=str(cfgs / "andersen.yaml"), steps=steps, naive=True),
-        isolated("measure_training", config=str(cfgs / "anna.yaml"), steps=max(2, steps // 4), naive=True),
-    ]
-    sample_rows = [isolated("measure_sampling", config=str(cfgs / f"{name}.yaml"), streams=s,
+    precisions = ["fp32", "bf16"] if "bf16" in mm["gflops"] else ["fp32"]
+    train_rows = [measure("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=False)]
+    for precision in precisions:
+        train_rows += [
+            measure("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=True,
+                     overrides=grid + toy, label="2x128 grid", precision=precision),
+            measure("measure_training", config=str(cfgs / "andersen.yaml"), steps=steps, naive=True,
+                     overrides=toy, precision=precision),
+            measure("measure_training", config=str(cfgs / "anna.yaml"), steps=max(2, steps // 2), naive=True,
+                     overrides=toy, precision=precision),
+        ]
+    sample_rows = [measure("measure_sampling", config=str(cfgs / f"{name}.yaml"), streams=s,
                             length=20 if quick else 400)
                    for name in ("andersen", "anna") for s in (1, 64)]
-    enc = isolated("measure_encoding", n_chars=1_000_000 if quick else 100_000_000)
+    enc = measure("measure_encoding", n_chars=1_000_000 if quick else 100_000_000)
     small, large = (200_000, 2_000_000) if quick else (2_000_000, 50_000_000)
-    rss_small, rss_large = (isolated("measure_corpus_rss", n_chars=n) for n in (small, large))
+    rss_small, rss_large = (measure("measure_corpus_rss", n_chars=n) for n in (small, large))
     bytes_per_char = (rss_large["rss_bytes"] - rss_small["rss_bytes"]) / (large - small)
     total = time.perf_counter() - started
 
@@ -275,13 +284,18 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
              "| reference | value |", "|---|---|"]
     for name, g in mm["gflops"].items():
         lines.append(f"| {name} matmul {mm['n']}x{mm['n']} (median) | {g:.1f} GFLOP/s |")
-    lines += ["", "| training | shape | ms/step | chars/s | GFLOP/s | % of fp32 peak | naive chars/s | speed-up "
-              "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| training | precision | shape | ms/step | chars/s | GFLOP/s | % of its matmul peak "
+              "| naive chars/s | speed-up over naive | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in train_rows:
         naive = r.get("naive_chars_s")
         naive_cols = f"{naive:,.0f} | {r['chars_s'] / naive:.1f}x" if naive else "- | -"
-        lines.append(f"| {r['config']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} | {r['gflops']:.1f} "
-                     f"| {100 * r['gflops'] / peak:.0f}% | {naive_cols} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['config']} | {r['precision']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} "
+                     f"| {r['gflops']:.1f} | {100 * r['gflops'] / mm['gflops'][r['precision']]:.0f}% | {naive_cols} "
+                     f"| {r['peak_rss_mb']:.0f} |")
+    fp32 = {r["config"]: r["chars_s"] for r in train_rows if r["precision"] == "fp32"}
+    ratios = [f"{r['config']} {r['chars_s'] / fp32[r['config']]:.2f}x" for r in train_rows if r["precision"] == "bf16"]
+    if ratios:
+        lines += ["", f"train.precision=bf16 over fp32, chars/s: {', '.join(ratios)}."]
     lines += ["", "| sampling | streams | chars/s |", "|---|---|---|"]
     for r in sample_rows:
         lines.append(f"| {r['config']} | {r['streams']} | {r['chars_s']:,.0f} |")

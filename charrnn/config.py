@@ -97,6 +97,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log the metrics to <run dir>/tensorboard (needs the tensorboard package)
     seed: int = 1337  # seeds torch and python RNGs: the same seed gives the same run
     device: str = "auto"  # auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)
+    precision: str = "fp32"  # fp32 | bf16: bf16 computes the steps in bfloat16 over fp32 master weights
 
     def __post_init__(self):
         _check(self.n_seqs >= 1, "train.n_seqs", "must be >= 1", self.n_seqs)
@@ -129,6 +130,7 @@ class TrainConfig:
                self.diverge_factor)
         _check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "train.device",
                "must be auto, cpu, cuda, cuda:N or mps", self.device)
+        _check(self.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16", self.precision)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,12 @@ save and what to keep is `checkpoint.RunCheckpoints`' policy. SIGINT/SIGTERM sto
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
 import random
+import re
 import shlex
 import signal
 import sys
@@ -29,10 +31,11 @@ from . import checkpoint
 from .config import RunConfig, config_from_dict
 from .data import Batcher, Corpus, known_items, split_ids
 from .errors import CharrnnError, UsageError
-from .model import CharRNN, ModelArgs, State, detach_state, generate, resolve_device
+from .model import CharRNN, ModelArgs, State, detach_state, generate, native_bf16, resolve_device
 from .vocab import Vocab, show_chars
 
 LN2 = math.log(2)
+SAMPLE_HEADING = re.compile(r"^=== step (\d+) ", re.MULTILINE)  # how samples.txt starts each evaluation's sample
 
 
 def lr_at(cfg, step: int, progress: float) -> float:
@@ -180,6 +183,12 @@ class Trainer:
         self._summary_writer = self._tensorboard_class() if t.tensorboard else None
 
         self.model = CharRNN(ModelArgs(vocab_size=len(self.vocab), **dataclasses.asdict(cfg.model))).to(self.device)
+        self.net = self.model  # what the steps run: the model itself, or its bfloat16 copy (train.precision=bf16)
+        if t.precision == "bf16":
+            if not native_bf16(self.device):
+                self.log(f"warning: train.precision=bf16, but {self.device} has no native bfloat16 (AVX512-BF16, "
+                         f"AMX or a bf16 GPU): it is emulated and likely slower than fp32")
+            self.net = copy.deepcopy(self.model).to(torch.bfloat16)
         opt = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         extra = {"foreach": True} if self.device.type != "mps" else {}
         self.optimizer = opt(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **extra)
@@ -230,6 +239,7 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
+        self._copy_to_net()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for group in self.optimizer.param_groups:  # the loaded state carries the old run's value
             group["weight_decay"] = self.cfg.train.weight_decay
@@ -246,7 +256,7 @@ class Trainer:
         self.grad_norm_sum.fill_(window.get("grad_norm_sum", 0.0))
         self.window_steps = window.get("steps", 0)
         if ckpt.get("hidden") is not None:
-            self.state = tuple(s.to(self.device) for s in ckpt["hidden"])
+            self.state = tuple(s.to(self.device, self.net.head.weight.dtype) for s in ckpt["hidden"])
         restore_rng(ckpt["rng"])
         self.log(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.batch_index}, "
                  f"best val {self.best_val:.4f})")
@@ -266,6 +276,7 @@ class Trainer:
             added = [c for c in self.vocab.chars if c not in old]
             self.log(f"vocabulary extended by {len(added)} character(s): {show_chars(added)}")
         self.model.load_state_dict(weights)
+        self._copy_to_net()
 
     def _tensorboard_class(self):
         try:
@@ -300,20 +311,37 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One optimizer step on batch (x, y) with the carried state; returns the loss as a device tensor (no sync)
-        and leaves the gradient norm before clipping in `self.grad_norm`."""
+        and leaves the gradient norm before clipping in `self.grad_norm`.
+
+        With train.precision=bf16 the forward and backward run on the bfloat16 copy `net`; its gradients are widened
+        onto the fp32 master weights, which the optimizer updates and which are copied back to `net`: the cheap
+        matmuls of bf16 without its rounding accumulating in the weights and optimizer moments."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.state is None:
-            self.state = self.model.init_state(x.size(0), self.device)
-        logits, state = self.model(x, self.state)  # (B, T, V)
+            self.state = self.net.init_state(x.size(0), self.device)
+        logits, state = self.net(x, self.state)  # (B, T, V)
         self.state = detach_state(state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
+        if self.net is not self.model:
+            self.net.zero_grad(set_to_none=True)
         loss.backward()
+        if self.net is not self.model:
+            for master, p in zip(self.model.parameters(), self.net.parameters()):
+                master.grad = p.grad.float()
         clip = self.cfg.train.grad_clip or math.inf  # inf: measure the norm, scale by exactly 1
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True).detach()
         self.optimizer.step()
+        self._copy_to_net()
         return loss.detach()
+
+    @torch.no_grad()
+    def _copy_to_net(self) -> None:
+        """Bring the bf16 copy up to date with the fp32 master weights (nothing to do in fp32)."""
+        if self.net is not self.model:
+            for p, master in zip(self.net.parameters(), self.model.parameters()):
+                p.copy_(master)
 
     def evaluate(self) -> float:
         """Mean loss in nats per character over the whole validation split."""
@@ -502,7 +530,7 @@ class Trainer:
             "position": {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
                          "elapsed_s": self.elapsed(), "chars_seen": self.chars_seen},
             "rng": capture_rng(),
-            "hidden": list(self.state) if self.state is not None else None,
+            "hidden": [s.float() for s in self.state] if self.state is not None else None,
             "metrics": {"best_val_loss": self.best_val, "val_loss": self.last_val, "best_step": self.best_step,
                         "first_loss": self.first_loss},
             "log_window": {"loss_sum": loss_sum, "grad_norm_sum": grad_sum, "steps": self.window_steps},
@@ -513,8 +541,8 @@ class Trainer:
     # --- run directory files ------------------------------------------------------------------------------------
 
     def _prepare_files(self) -> None:
-        """Clean up after a crash (stale temp files; metrics lines past the resumed step, or torn by a kill) and
-        write config.yaml; a new run starts its files empty."""
+        """Clean up after a crash (stale temp files; metrics lines and samples past the resumed step, or torn by a
+        kill) and write config.yaml; a new run starts its files empty."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.keeper.start(fresh=self.step == 0)
@@ -528,6 +556,12 @@ class Trainer:
                 keep = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
                         if (rec := _parse_line(ln)) and rec.get("step", 0) <= self.step]
                 checkpoint.write_atomic(metrics, "".join(k + "\n" for k in keep).encode("utf-8"))
+            samples = self.run_dir / "samples.txt"
+            if self.step and samples.exists():
+                text = samples.read_text(encoding="utf-8")
+                later = [m.start() for m in SAMPLE_HEADING.finditer(text) if int(m.group(1)) > self.step]
+                if later:
+                    checkpoint.write_atomic(samples, text[:later[0]].encode("utf-8"))
         except OSError as e:
             raise CharrnnError(f"cannot write to run directory {self.run_dir} ({e.strerror or e}): check its "
                                f"permissions and free space, or pass --run-dir") from None

@@ -1,11 +1,18 @@
 """The benchmark must keep running (CI runs its quick mode here); its numbers are never asserted as timings."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-from charrnn import bench
+import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from charrnn import bench
+from charrnn.model import native_bf16
+from conftest import make_text
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def test_flop_formula_counts_gates_and_output_layer():
@@ -32,8 +39,26 @@ def test_quick_run_measures_every_path():
     for needle in ("fp32 matmul", "| tiny |", "| 2x128 grid |", "| andersen |", "| anna |", "encode 1 MB",
                    "RSS per corpus character"):
         assert needle in report, needle
-    rows = [r for r in report.splitlines() if r.startswith("| andersen | 2x256")]
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    chars_s, naive = (float(cells[i].replace(",", "")) for i in (3, 6))
-    assert chars_s > 0 and naive > 0
+    rows = {p: r for r in report.splitlines() for p in ("fp32", "bf16") if r.startswith(f"| andersen | {p} |")}
+    assert set(rows) == ({"fp32", "bf16"} if native_bf16(torch.device("cpu")) else {"fp32"})
+    for row in rows.values():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        chars_s, naive = (float(cells[i].replace(",", "")) for i in (4, 7))
+        assert chars_s > 0 and naive > 0
+    assert ("train.precision=bf16 over fp32" in report) == ("bf16" in rows)
     assert re.search(r"\| andersen \| 64 \| [\d,]+ \|", report)
+
+
+def test_precision_check_script_trains_both_ways(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(6000), encoding="utf-8")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "precision_check.py"), "--config",
+                          str(CONFIGS / "tiny.yaml"), "--text", str(text), "--steps", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = re.findall(r"^\| (fp32|bf16) \| (\d+\.\d+) \|", out.stdout, re.MULTILINE)
+    assert [p for p, _ in rows] == ["fp32", "bf16"] and all(0 < float(v) < 10 for _, v in rows)
+    assert "bf16 - fp32 val loss:" in out.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "precision_check.py"), "--text",
+                              str(tmp_path / "none.txt")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "not found" in missing.stderr

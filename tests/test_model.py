@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from charrnn.errors import UsageError
-from charrnn.model import CharRNN, ModelArgs, detach_state, generate, pick_next, resolve_device
+from charrnn.model import CharRNN, ModelArgs, detach_state, dropout, generate, pick_next, resolve_device
 
 V, E, H = 11, 8, 16
 
@@ -121,3 +121,39 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="cuda"):
             resolve_device("cuda")
+
+
+def test_dropout_drops_the_asked_fraction_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000)
+    for p in (0.1, 0.5):
+        y = dropout(x, p)
+        assert abs((y == 0).float().mean().item() - p) < 0.005
+        zero, kept = y.unique().tolist()
+        assert zero == 0.0 and kept == pytest.approx(1 / (1 - p))
+    torch.manual_seed(1)
+    a = dropout(x, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(x, 0.3)) and not torch.equal(a, dropout(x, 0.3))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_training_forward_with_dropout_is_the_module_layer_by_layer(cell, monkeypatch):
+    """In training on the CPU the layers run one at a time with our dropout between them: with the masks made
+    all-ones, that is exactly the recurrent module's own forward, state included, and gradients reach every weight."""
+    import charrnn.model
+
+    monkeypatch.setattr(charrnn.model, "dropout", lambda x, p: x)
+    torch.manual_seed(0)
+    model = CharRNN(ModelArgs(vocab_size=11, cell=cell, embed_size=6, hidden_size=10, num_layers=3, dropout=0.4))
+    x = torch.randint(0, 11, (4, 7))
+    state = tuple(torch.randn(3, 4, 10) for _ in model.init_state(4))
+    model.train()
+    logits, new = model(x, state)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        ref_logits, ref_new = model(x, state)
+    assert torch.allclose(logits, ref_logits, atol=1e-6)
+    assert len(new) == len(ref_new) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(new, ref_new))

@@ -270,3 +270,18 @@ def test_cli_init_from(base_run, tmp_path, write_yaml, monkeypatch, capsys):
     assert ft["position"]["step"] == 3 and "Z" in ft["vocab"]["chars"] and ft["config"]["model"]["hidden_size"] == 16
     assert main(["train", "--config", "ft.yaml", "--extend-vocab", "--no-progress"]) == 2
     assert main(["train", "--config", "ft.yaml", "--init-from", ckpt, "--resume", "auto"]) == 2
+
+
+def test_resuming_an_older_checkpoint_drops_the_later_metrics_and_samples(make_cfg, tmp_path):
+    cfg = make_cfg({"train.max_steps": 16, "train.eval_every": 4, "train.log_every": 2, "train.checkpoint_every": 8,
+                    "train.keep_last": 4, "train.sample_length": 8})
+    run = tmp_path / "run"
+    Trainer(cfg, run, **QUIET).fit()
+    samples, metrics = (run / "samples.txt").read_text(encoding="utf-8"), read_metrics(run)
+    assert samples.count("=== step ") == 4
+
+    ckpt = checkpoint.load(run / "step-00000008.pt")
+    Trainer(load_config(None, base=ckpt["config"]), run, resume=ckpt, **QUIET).fit()
+    assert (run / "samples.txt").read_text(encoding="utf-8") == samples  # steps 12 and 16 once, the same
+    untimed = [{k: v for k, v in r.items() if k not in ("chars_per_s", "elapsed_s")} for r in metrics]
+    assert [{k: v for k, v in r.items() if k not in ("chars_per_s", "elapsed_s")} for r in read_metrics(run)] == untimed
