@@ -7,8 +7,9 @@ FLOPs per character (H hidden size, I layer input size, V vocabulary, per layer 
     forward  = sum_l 2 * 4H * (I_l + H)   (the four LSTM gate matmuls; GRU: 3H, RNN: H)
              + 2 * H * V                   (the output layer)
     training = 3 * forward                 (backward costs about twice the forward)
-Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the measured matmul peak of its precision
-(fp32, or bf16 for train.precision=bf16 rows where the CPU has AVX512-BF16 or AMX).
+Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the matmul peak of its precision (fp32, or
+bf16 for train.precision=bf16 rows where the CPU has AVX512-BF16 or AMX) measured just before and just after the row.
+Training runs with `train.keep_freed_memory` in effect, as `charrnn train` on a CPU does.
 """
 
 from __future__ import annotations
@@ -70,24 +71,25 @@ def synthetic_text(n_chars: int, seed: int = 0) -> str:
 
 # --- measurements, each run in a child process -------------------------------------------------------------------
 
-def measure_matmul(quick: bool) -> dict:
+def measure_matmul(quick: bool, reps: int = 10) -> dict:
+    """GFLOP/s of n x n matmuls into a preallocated output (allocating it is not the matmul), the median of `reps`,
+    in fp32 and, where the CPU has AVX512-BF16 or AMX, bf16."""
     import torch
 
     from .model import native_bf16
 
     n = 1024 if quick else 2048
-    reps = 3 if quick else 10
-    out = {}
-    dtypes = [("fp32", torch.float32)]
+    dtypes = {"fp32": torch.float32}
     if torch.backends.mkldnn.is_available() and native_bf16(torch.device("cpu")):
-        dtypes.append(("bf16", torch.bfloat16))
-    for name, dt in dtypes:
-        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        a @ b
+        dtypes["bf16"] = torch.bfloat16
+    out = {}
+    for name, dtype in dtypes.items():
+        a, b, c = (torch.randn(n, n).to(dtype) for _ in range(3))
+        torch.mm(a, b, out=c)
         times = []
-        for _ in range(reps):
+        for _ in range(3 if quick else reps):
             t0 = time.perf_counter()
-            a @ b
+            torch.mm(a, b, out=c)
             times.append(time.perf_counter() - t0)
         out[name] = 2 * n ** 3 / statistics.median(times) / 1e9
     return {"gflops": out, "n": n}
@@ -95,8 +97,8 @@ def measure_matmul(quick: bool) -> dict:
 
 def measure_training(config: str, steps: int, naive: bool, overrides: tuple = (), label: str = "",
                      precision: str = "fp32") -> dict:
-    """chars/s of our training step (the real Trainer on a synthetic text) and, if `naive`, of the naive per-character
-    loop (`_naive_chars_per_s`) at the same sizes and precision."""
+    """chars/s of our training step (the real Trainer on a synthetic text) and, if `naive`, of both naive
+    per-character loops (`_naive_chars_per_s`) at the same sizes and precision."""
     from .config import load_config
     from .train import Trainer
 
@@ -123,47 +125,77 @@ def measure_training(config: str, steps: int, naive: bool, overrides: tuple = ()
                   "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
                   "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9}
         if naive:
-            result["naive_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2), precision)
+            for kind in ("module", "cell"):
+                result[f"naive_{kind}_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2),
+                                                                     precision, kind)
         result["peak_rss_mb"] = peak_rss_mb()
         return result
 
 
-def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str) -> float:
-    """The first PyTorch char-rnn ports (spro/char-rnn.pytorch): the model is called once per character, each call
-    running the embedding, the recurrent module on a one-step sequence and the output layer, the loss summed per step;
-    Adam and gradient clipping as ours. In bf16 the whole model is bfloat16 (no master weights). Each choice gives the
-    reference the advantage, so the speed-up is a floor."""
+def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str) -> float:
+    """A training step that calls the recurrence once per character, as the first PyTorch char-rnn ports do, in one
+    of two ways. `module` (spro/char-rnn.pytorch): the model itself on one-step sequences, each call running the
+    embedding, the recurrent module (oneDNN's whole-sequence kernel, for one step) and the output layer. `cell`: an
+    nn.LSTMCell (GRUCell, RNNCell) per layer, as many tutorials write it: faster than `module` on a CPU, where one
+    oneDNN call costs more than a cell's few ops. Both sum the loss per step and use our optimizer
+    (`train.make_optimizer`) and gradient clipping; no dropout (its masks would only slow them); in bf16 the whole
+    model is bfloat16 (no master weights)."""
     import torch
     from torch import nn
 
     from .model import CharRNN, ModelArgs
+    from .train import make_optimizer
 
     model = CharRNN(ModelArgs(vocab_size=vocab, cell=m.cell, embed_size=m.embed_size, hidden_size=m.hidden_size,
-                              num_layers=m.num_layers))  # no dropout, as in the ports: its masks would only slow it
+                              num_layers=m.num_layers))
+    if kind == "module":
+        def one_char(x, state):
+            logits, state = model(x[:, None], state)
+            return logits[:, 0], state
+
+        start = model.init_state
+    else:
+        cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[m.cell]
+        model.rnn = nn.ModuleList(cell(m.embed_size if l == 0 else m.hidden_size, m.hidden_size)
+                                  for l in range(m.num_layers))
+
+        def one_char(x, state):
+            inp, new = model.embed(x), []
+            for layer, s in zip(model.rnn, state):
+                s = layer(inp, s)
+                inp = s[0] if isinstance(s, tuple) else s
+                new.append(s)
+            return model.head(inp), new
+
+        def start(batch):
+            zeros = model.head.weight.new_zeros
+            return [(zeros(batch, m.hidden_size), zeros(batch, m.hidden_size)) if m.cell == "lstm"
+                    else zeros(batch, m.hidden_size) for _ in range(m.num_layers)]
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
+    opt = make_optimizer(model.parameters(), t, torch.device("cpu"))
     criterion = nn.CrossEntropyLoss()
     x = torch.randint(0, vocab, (t.n_seqs, t.n_steps))
     y = torch.randint(0, vocab, (t.n_seqs, t.n_steps))
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        state = model.init_state(t.n_seqs)
+        state = start(t.n_seqs)
         loss = 0
         for c in range(t.n_steps):
-            logits, state = model(x[:, c:c + 1], state)
-            loss = loss + criterion(logits[:, 0].float(), y[:, c])
+            logits, state = one_char(x[:, c], state)
+            loss = loss + criterion(logits.float(), y[:, c])
         opt.zero_grad()
         (loss / t.n_steps).backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0, foreach=True)
         opt.step()
         times.append(time.perf_counter() - t0)
     return t.n_seqs * t.n_steps / statistics.median(times[1:])
 
 
-def measure_sampling(config: str, streams: int, length: int) -> dict:
-    """chars/s generating `length` characters for `streams` streams together from a model of `config`'s size."""
+def measure_sampling(config: str, streams: int, length: int, repeats: int = 3) -> dict:
+    """chars/s generating `length` characters for `streams` streams together from a model of `config`'s size, the
+    median of `repeats` runs."""
     import torch
 
     from .config import load_config
@@ -176,10 +208,12 @@ def measure_sampling(config: str, streams: int, length: int) -> dict:
     prime = torch.zeros(streams, 1, dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
     generate(model, prime, 5, 1.0, 0, gen)
-    t0 = time.perf_counter()
-    generate(model, prime, length, 1.0, 0, gen)
-    dt = time.perf_counter() - t0
-    return {"config": Path(config).stem, "streams": streams, "chars_s": streams * length / dt}
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(model, prime, length, 1.0, 0, gen)
+        rates.append(streams * length / (time.perf_counter() - t0))
+    return {"config": Path(config).stem, "streams": streams, "chars_s": statistics.median(rates)}
 
 
 def measure_corpus_rss(n_chars: int) -> dict:
@@ -258,18 +292,26 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
     grid = ("model.embed_size=64", "model.hidden_size=128", "model.num_layers=2", "train.n_seqs=50",
             "train.n_steps=50")  # torch-rnn's benchmark shape
     precisions = ["fp32", "bf16"] if "bf16" in mm["gflops"] else ["fp32"]
-    train_rows = [measure("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=False)]
+
+    def training(config: str, **kwargs) -> dict:
+        """A training row, with its precision's matmul peak measured just before and just after it: the machine's
+        speed drifts over a run (clock, neighbours), and the % of peak should compare like with like."""
+        around = [measure("measure_matmul", quick=quick, reps=5)]
+        row = measure("measure_training", config=str(cfgs / config), **kwargs)
+        around.append(measure("measure_matmul", quick=quick, reps=5))
+        row["peak_gflops"] = statistics.mean(m["gflops"][row["precision"]] for m in around)
+        return row
+
+    train_rows = [training("tiny.yaml", steps=steps, naive=False)]
     for precision in precisions:
         train_rows += [
-            measure("measure_training", config=str(cfgs / "tiny.yaml"), steps=steps, naive=True,
-                     overrides=grid + toy, label="2x128 grid", precision=precision),
-            measure("measure_training", config=str(cfgs / "andersen.yaml"), steps=steps, naive=True,
-                     overrides=toy, precision=precision),
-            measure("measure_training", config=str(cfgs / "anna.yaml"), steps=max(2, steps // 2), naive=True,
-                     overrides=toy, precision=precision),
+            training("tiny.yaml", steps=steps, naive=True, overrides=grid + toy, label="2x128 grid",
+                     precision=precision),
+            training("andersen.yaml", steps=steps, naive=True, overrides=toy, precision=precision),
+            training("anna.yaml", steps=max(2, steps // 2), naive=True, overrides=toy, precision=precision),
         ]
     sample_rows = [measure("measure_sampling", config=str(cfgs / f"{name}.yaml"), streams=s,
-                            length=20 if quick else 400)
+                            length=20 if quick else 2000 if s == 1 else 400, repeats=1 if quick else 3)
                    for name in ("andersen", "anna") for s in (1, 64)]
     enc = measure("measure_encoding", n_chars=1_000_000 if quick else 100_000_000)
     small, large = (200_000, 2_000_000) if quick else (2_000_000, 50_000_000)
@@ -284,14 +326,15 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
              "| reference | value |", "|---|---|"]
     for name, g in mm["gflops"].items():
         lines.append(f"| {name} matmul {mm['n']}x{mm['n']} (median) | {g:.1f} GFLOP/s |")
-    lines += ["", "| training | precision | shape | ms/step | chars/s | GFLOP/s | % of its matmul peak "
-              "| naive chars/s | speed-up over naive | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| training | precision | shape | ms/step | chars/s | GFLOP/s | matmul peak alongside "
+              "| % of that peak | naive: module per char, chars/s | speed-up | naive: cell per char, chars/s "
+              "| speed-up | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in train_rows:
-        naive = r.get("naive_chars_s")
-        naive_cols = f"{naive:,.0f} | {r['chars_s'] / naive:.1f}x" if naive else "- | -"
+        naive = [r.get(f"naive_{kind}_chars_s") for kind in ("module", "cell")]
+        naive_cols = " | ".join(f"{n:,.0f} | {r['chars_s'] / n:.2f}x" if n else "- | -" for n in naive)
         lines.append(f"| {r['config']} | {r['precision']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} "
-                     f"| {r['gflops']:.1f} | {100 * r['gflops'] / mm['gflops'][r['precision']]:.0f}% | {naive_cols} "
-                     f"| {r['peak_rss_mb']:.0f} |")
+                     f"| {r['gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['gflops'] / r['peak_gflops']:.0f}% "
+                     f"| {naive_cols} | {r['peak_rss_mb']:.0f} |")
     fp32 = {r["config"]: r["chars_s"] for r in train_rows if r["precision"] == "fp32"}
     ratios = [f"{r['config']} {r['chars_s'] / fp32[r['config']]:.2f}x" for r in train_rows if r["precision"] == "bf16"]
     if ratios:

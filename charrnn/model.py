@@ -121,7 +121,7 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: t
     characters, then to the smallest set holding `top_p` of the probability (nucleus). All on the logits' device."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -130,7 +130,18 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, generator: t
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the more likely characters already hold top_p
         probs = probs.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row of `probs` (B, V), where a uniform draw falls in the cumulative distribution: what
+    `torch.multinomial` does for one sample, without its per-call checks (a quarter of a one-stream 2x256 character
+    on a CPU). In float64 (float32 on MPS, which has no float64), so a draw lands past the total only with
+    probability ~2^-53; the clamp keeps even that in range."""
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.cumsum(-1, dtype=dtype)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=dtype, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
 @dataclass
@@ -163,6 +174,9 @@ def recent_window(prime: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat([pad, prime], 1)[:, -REPETITION_WINDOW:].contiguous()
 
 
+SCORE_EVERY = 64  # sample_batch keeps this many steps' logits and scores their log-probabilities in one go
+
+
 @torch.inference_mode()
 def sample_batch(model: CharRNN, prime: torch.Tensor, length: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
@@ -172,25 +186,32 @@ def sample_batch(model: CharRNN, prime: torch.Tensor, length: int, temperature: 
 
     `stops` are 1-D id tensors: a stream ends with the first one it generates, and the batch ends once every stream
     has (checked every 16 steps, to keep device syncs rare). `on_step(ids, live)` receives each new (B,) column and
-    the mask of the streams that had not ended before it, for streaming.
+    the mask of the streams that had not ended before it, for streaming. Each step's logits go to a ring of
+    SCORE_EVERY slots, scored for `logprob` when it is full: a few ops per step fewer, on a path of few ops.
     """
     n_streams, device = prime.size(0), prime.device
     with eval_mode(model):
         logits, state = model(prime)
-        last = logits[:, -1]  # (B, V)
+        ring = logits.new_empty(SCORE_EVERY, n_streams, logits.size(-1))  # (K, B, V): the logits of recent steps
+        ring[0] = logits[:, -1]
         step = Stepper(model, state)
         out = torch.zeros(n_streams, length, dtype=torch.long, device=device)
         lengths = torch.full((n_streams,), length, dtype=torch.long, device=device)
         stopped = torch.zeros(n_streams, dtype=torch.bool, device=device)
+        everyone = torch.ones(n_streams, dtype=torch.bool, device=device)
+        was_live = torch.ones(SCORE_EVERY, n_streams, dtype=torch.bool, device=device)  # (K, B), kept with stops
         logprob = torch.zeros(n_streams, dtype=torch.float64, device=device)
-        recent = recent_window(prime, last.size(-1)) if repetition_penalty != 1 else None
+        recent = recent_window(prime, logits.size(-1)) if repetition_penalty != 1 else None
         made = 0
         for t in range(length):
+            slot = t % SCORE_EVERY
+            last = ring[slot]  # (B, V)
             scores = last if recent is None else penalize(last, recent, repetition_penalty)
             nxt = pick_next(scores, temperature, top_k, generator, top_p)  # (B,)
             out[:, t] = nxt
-            live = ~stopped
-            logprob += F.log_softmax(last.double(), -1).gather(1, nxt[:, None]).squeeze(1) * live
+            live = ~stopped if stops else everyone  # without stops every stream is live to the end
+            if stops:
+                was_live[slot] = live
             made = t + 1
             if recent is not None:
                 recent[:, t % REPETITION_WINDOW] = nxt
@@ -201,10 +222,15 @@ def sample_batch(model: CharRNN, prime: torch.Tensor, length: int, temperature: 
                     hit = (out[:, made - len(stop):made] == stop).all(1) & live  # (B,)
                     lengths = torch.where(hit & ~stopped, made, lengths)
                     stopped = stopped | hit
-            if stops and made % 16 == 0 and bool(stopped.all()):
+            ended = stops and made % 16 == 0 and bool(stopped.all())
+            if slot == SCORE_EVERY - 1 or made == length or ended:
+                gains = F.log_softmax(ring[:slot + 1], -1, dtype=torch.float64)  # (n, B, V)
+                gains = gains.gather(2, out[:, t - slot:made].t().unsqueeze(2)).squeeze(2)  # (n, B)
+                logprob += (gains * was_live[:slot + 1]).sum(0)
+            if ended:
                 break
             if made < length:
-                last = step(nxt)
+                step(nxt, out=ring[(slot + 1) % SCORE_EVERY])
         return Generated(out[:, :made], lengths, stopped, logprob)  # an early end means every stream stopped
 
 
@@ -295,57 +321,85 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def _operand(w: torch.Tensor, streams: int) -> torch.Tensor:
+    """A weight w (N, K) as the (K, N) right operand of x @ w. For one stream that is a matrix-vector product, which
+    runs faster over w's rows as stored (a 2x256 LSTM step: 134 us against 176 us here); for more streams the
+    transpose made contiguous is faster."""
+    return w.t() if streams == 1 else w.t().contiguous()
+
+
 class Stepper:
     """One recurrent step per call for generation, with each layer's weights packed once.
 
     `nn.LSTM` called on a single time step runs oneDNN's whole-sequence kernel and costs ~10x more than the step
     itself on a CPU; here an LSTM or RNN layer is one `addmm` over [x, h] @ [W_ih | W_hh]^T plus pointwise ops (a GRU
-    needs its input and hidden parts apart, so two). Holds the state of its B streams; `state()` gives it back in the
-    model's (L, B, H) layout.
+    needs its input and hidden parts apart, so two). Each layer keeps [x, h] in one buffer (B, I + H): the layer below
+    (or the embedding) writes x there and the layer's last step wrote h there, and LSTM gates go to a preallocated
+    buffer in the order i, f, o, g, one sigmoid covering three of them. No allocations and few ops: once the weights
+    have streamed through a CPU's caches, each op of a one-stream step costs several microseconds.
     """
 
     def __init__(self, model: CharRNN, state: State):
         rnn, args = model.rnn, model.args
-        self.cell = args.cell
+        self.cell, hid = args.cell, args.hidden_size
+        streams = state[0].size(1)
         self.embed = model.embed.weight.detach()  # (V, E)
-        self.head_w = model.head.weight.detach().t().contiguous()  # (H, V)
+        self.head_w = _operand(model.head.weight.detach(), streams)  # (H, V)
         self.head_b = model.head.bias.detach()
-        self.layers = []
+        self.widths = [args.embed_size] + [hid] * (args.num_layers - 1)  # each layer's input width
+        ifog = torch.cat([torch.arange(2 * hid), torch.arange(3 * hid, 4 * hid), torch.arange(2 * hid, 3 * hid)])
+        self.weights = []
         for l in range(args.num_layers):
             w_ih, w_hh = getattr(rnn, f"weight_ih_l{l}").detach(), getattr(rnn, f"weight_hh_l{l}").detach()
             b_ih, b_hh = getattr(rnn, f"bias_ih_l{l}").detach(), getattr(rnn, f"bias_hh_l{l}").detach()
             if self.cell == "gru":
-                self.layers.append((w_ih.t().contiguous(), b_ih, w_hh.t().contiguous(), b_hh))
+                self.weights.append((_operand(w_ih, streams), b_ih, _operand(w_hh, streams), b_hh))
+            elif self.cell == "lstm":
+                self.weights.append((_operand(torch.cat([w_ih, w_hh], 1)[ifog], streams), (b_ih + b_hh)[ifog]))
             else:
-                self.layers.append((torch.cat([w_ih, w_hh], 1).t().contiguous(), b_ih + b_hh))
-        self.h = list(state[0].unbind(0))  # L tensors of (B, H)
-        self.c = list(state[1].unbind(0)) if self.cell == "lstm" else None
+                self.weights.append((_operand(torch.cat([w_ih, w_hh], 1), streams), b_ih + b_hh))
+        self.xh = [torch.cat([state[0].new_zeros(streams, width), h], 1) for width, h in zip(self.widths, state[0])]
+        self.c = [c.clone() for c in state[1]] if self.cell == "lstm" else None  # (B, H) each, updated in place
+        self._views()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B,) ids -> logits (B, V) for the next character; advances the state."""
-        inp = self.embed[x]  # (B, E)
-        for l, w in enumerate(self.layers):
-            h = self.h[l]
+    def _views(self) -> None:
+        """The per-layer views into [x, h] and, for an LSTM, the gate buffers and their views, for the current B."""
+        self.inputs = [xh[:, :width] for xh, width in zip(self.xh, self.widths)]
+        self.hs = [xh[:, width:] for xh, width in zip(self.xh, self.widths)]
+        if self.cell == "lstm":
+            self.gates = []
+            for h in self.hs:
+                n = h.size(1)
+                g = h.new_empty(h.size(0), 4 * n)
+                self.gates.append((g, g[:, :3 * n], g[:, 3 * n:], g[:, :n], g[:, n:2 * n], g[:, 2 * n:3 * n],
+                                   torch.empty_like(h)))
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B,) ids -> logits (B, V) for the next character (into `out` if given); advances the state."""
+        torch.index_select(self.embed, 0, x, out=self.inputs[0])
+        for l, w in enumerate(self.weights):
+            h = self.hs[l]
             if self.cell == "lstm":
-                i, f, g, o = torch.addmm(w[1], torch.cat([inp, h], 1), w[0]).chunk(4, 1)  # (B, H) each
-                self.c[l] = torch.sigmoid(f) * self.c[l] + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(self.c[l])
+                gates, ifo, g, i, f, o, tanh_c = self.gates[l]
+                torch.addmm(w[1], self.xh[l], w[0], out=gates)
+                ifo.sigmoid_()
+                g.tanh_()
+                c = self.c[l].mul_(f).addcmul_(i, g)
+                torch.mul(torch.tanh(c, out=tanh_c), o, out=h)
             elif self.cell == "gru":
-                ir, iz, in_ = torch.addmm(w[1], inp, w[0]).chunk(3, 1)
+                ir, iz, in_ = torch.addmm(w[1], self.inputs[l], w[0]).chunk(3, 1)
                 hr, hz, hn = torch.addmm(w[3], h, w[2]).chunk(3, 1)
                 r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                h = torch.lerp(torch.tanh(in_ + r * hn), h, z)  # (1 - z) * n + z * h
+                torch.lerp(torch.tanh(in_ + r * hn), h, z, out=h)  # (1 - z) * n + z * h
             else:
-                h = torch.tanh(torch.addmm(w[1], torch.cat([inp, h], 1), w[0]))
-            self.h[l] = inp = h
-        return torch.addmm(self.head_b, inp, self.head_w)  # (B, V)
+                torch.tanh(torch.addmm(w[1], self.xh[l], w[0]), out=h)
+            if l + 1 < len(self.weights):
+                self.inputs[l + 1].copy_(h)
+        return torch.addmm(self.head_b, self.hs[-1], self.head_w, out=out)  # (B, V)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the streams `index` (B',), in that order: a beam search's surviving continuations."""
-        self.h = [h[index] for h in self.h]
+        self.xh = [xh[index] for xh in self.xh]
         if self.c is not None:
             self.c = [c[index] for c in self.c]
-
-    def state(self) -> State:
-        h = torch.stack(self.h)
-        return (h, torch.stack(self.c)) if self.c is not None else (h,)
+        self._views()

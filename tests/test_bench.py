@@ -43,8 +43,8 @@ def test_quick_run_measures_every_path():
     assert set(rows) == ({"fp32", "bf16"} if native_bf16(torch.device("cpu")) else {"fp32"})
     for row in rows.values():
         cells = [c.strip() for c in row.strip("|").split("|")]
-        chars_s, naive = (float(cells[i].replace(",", "")) for i in (4, 7))
-        assert chars_s > 0 and naive > 0
+        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (4, 6, 8, 10))
+        assert chars_s > 0 and peak > 0 and naive_module > 0 and naive_cell > 0
     assert ("train.precision=bf16 over fp32" in report) == ("bf16" in rows)
     assert re.search(r"\| andersen \| 64 \| [\d,]+ \|", report)
 

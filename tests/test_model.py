@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from charrnn.errors import UsageError
-from charrnn.model import CharRNN, ModelArgs, detach_state, dropout, generate, pick_next, resolve_device
+from charrnn.model import CharRNN, ModelArgs, Stepper, detach_state, dropout, generate, pick_next, resolve_device
 
 V, E, H = 11, 8, 16
 
@@ -97,6 +97,25 @@ def test_without_detach_backward_reaches_previous_batch():
     logits, _ = model(x2, detach_state(state))
     logits.sum().backward()
     assert emb_before.grad.abs().sum(dim=1)[x1[0]].sum() == 0  # cut
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("streams", [1, 3])
+def test_stepper_equals_the_model_step_by_step_and_after_reorder(cell, streams):
+    model = make(cell, layers=2).eval()
+    x = ids(streams, 6)
+    with torch.no_grad():
+        logits, _ = model(x)
+        _, state = model(x[:, :1])
+        step = Stepper(model, state)
+        for t in range(1, 4):
+            torch.testing.assert_close(step(x[:, t]), logits[:, t], rtol=1e-5, atol=1e-5)
+        index = torch.tensor([streams - 1, 0, 0])  # reversed, a stream repeated: what a beam search does
+        step.reorder(index)
+        ahead, _ = model(x[index])
+        into = torch.empty(3, V)
+        assert step(x[index, 4], out=into) is into
+        torch.testing.assert_close(into, ahead[:, 4], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_shapes_and_restores_mode():

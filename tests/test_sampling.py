@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from charrnn.cli import main
 from charrnn.config import build_config
 from charrnn.errors import UsageError
-from charrnn.model import CharRNN, ModelArgs, beam_search, penalize, pick_next, recent_window
+from charrnn.model import CharRNN, ModelArgs, beam_search, draw, penalize, pick_next, recent_window
 from charrnn.sample import Sampler
 from charrnn.train import Trainer
 from conftest import apply_dotted, make_text, tiny_tree
@@ -31,6 +31,16 @@ def unicode_sampler(tmp_path_factory):
     cfg = build_config(apply_dotted(tiny_tree(text), {"train.max_steps": 4, "train.sample_length": 0}))
     Trainer(cfg, root / "run", progress=False, log=lambda msg: None).fit()
     return Sampler.from_checkpoint(root / "run" / "last.pt", "cpu")
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).repeat(40000, 1)
+    ids = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=5).double() / len(ids)
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs[0].double(), atol=0.01)
+    unnormalised = draw(torch.tensor([[0.0, 3.0, 1.0]]).repeat(20000, 1), torch.Generator().manual_seed(1))
+    assert abs((unnormalised == 1).double().mean().item() - 0.75) < 0.01 and (unnormalised != 0).all()
 
 
 def test_top_k_one_equals_greedy(sampler):
@@ -96,9 +106,13 @@ def test_stop_refuses_empty_and_unknown(sampler):
         sampler.generate("The ", 10, stop=["s", "你"])
 
 
-def test_mean_logprob_matches_scoring_the_text(sampler):
-    """The per-character log-probability gathered while sampling equals scoring prime + text in one pass."""
-    for s in sampler.samples("The ", 40, temperature=0.9, top_k=4, num_samples=2, seed=6):
+@pytest.mark.parametrize("length, stop", [(40, None), (150, None), (150, "e")])
+def test_mean_logprob_matches_scoring_the_text(sampler, length, stop):
+    """The per-character log-probability gathered while sampling (scored in chunks of steps, the characters after
+    a stop left out) equals scoring prime + text in one pass."""
+    samples = sampler.samples("The ", length, temperature=0.9, top_k=4, num_samples=3, seed=6, stop=stop or ())
+    assert stop is None or any(s.stopped for s in samples)
+    for s in samples:
         ids = sampler.vocab.encode(s.prime + s.text).long().unsqueeze(0)
         with torch.no_grad():
             logits, _ = sampler.model(ids[:, :-1])
