@@ -201,7 +201,7 @@ def test_optimizer_is_fused_where_torch_has_it():
     opt = make_optimizer([torch.nn.Parameter(torch.ones(3))], t, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.1
     fused_on_cpu = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
-    assert opt.defaults.get("fused") is (True if fused_on_cpu else None) or opt.defaults.get("foreach")
+    assert opt.defaults["fused" if fused_on_cpu else "foreach"] is True
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory is a glibc malloc setting")
