@@ -3,6 +3,7 @@
 import json
 import math
 import platform
+import random
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import torch
 from charrnn import checkpoint
 from charrnn.config import load_config
 from charrnn.errors import CharrnnError, UsageError
-from charrnn.train import Trainer, keep_freed_memory, lr_at, make_optimizer
+from charrnn.train import Trainer, keep_freed_memory, lr_at, make_optimizer, overfit_hint
 
 QUIET = {"progress": False, "log": lambda msg: None}
 
@@ -134,6 +135,36 @@ def test_missing_text_names_download_command(make_cfg, tmp_path):
 def sched(**kw):
     base = dict(lr=1.0, warmup_steps=0, schedule="constant", min_lr_ratio=0.1, lr_decay=0.5, lr_decay_steps=10)
     return SimpleNamespace(**{**base, **kw})
+
+
+def test_overfit_hint_when_val_loss_ends_above_its_best():
+    hint = overfit_hint(1.4627, 9500, 1.5104, 16087, 16.4, 0.1)
+    assert "step 9500 (1.4627)" in hint and "1.5104 by step 16087" in hint and "--set model.dropout=0.3" in hint
+    assert "smaller model" in overfit_hint(1.40, 100, 1.45, 200, 3.0, 0.5)
+    assert overfit_hint(1.40, 100, 1.41, 200, 3.0, 0.1) is None  # within noise of the best
+    assert overfit_hint(1.40, 200, 1.40, 200, 3.0, 0.1) is None  # best at the end
+    assert overfit_hint(math.inf, 0, math.inf, 200, 3.0, 0.1) is None  # no validation split
+
+
+def test_a_run_that_learns_its_text_by_heart_says_so(make_cfg, tmp_path):
+    """Random letters: nothing carries over to the validation split, so its loss rises as the model memorises."""
+    rng = random.Random(0)
+    text = tmp_path / "random.txt"
+    text.write_text("".join(rng.choice("abcdefghij") for _ in range(2000)), encoding="utf-8")
+    cfg = make_cfg({"model.hidden_size": 64, "train.max_steps": 150, "train.eval_every": 25,
+                    "train.sample_length": 0}, text_path=text)
+    logs = []
+    summary = Trainer(cfg, tmp_path / "run", progress=False, log=logs.append).fit()
+    notes = [line for line in logs if line.startswith("note: val loss was lowest")]
+    assert len(notes) == 1 and f"best.pt holds step {summary['best_step']}" in notes[0]
+    assert "--set model.dropout=0.2" in notes[0]
+
+
+def test_a_run_still_improving_gives_no_hint(make_cfg, tmp_path):
+    logs = []
+    Trainer(make_cfg({"train.max_steps": 20, "train.eval_every": 10}), tmp_path / "run", progress=False,
+            log=logs.append).fit()
+    assert not [line for line in logs if line.startswith("note:")]
 
 
 def test_lr_warmup_rises_to_peak():
