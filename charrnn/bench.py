@@ -9,6 +9,8 @@ FLOPs per character (H hidden size, I layer input size, V vocabulary, per layer 
     training = 3 * forward                 (backward costs about twice the forward)
 Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the matmul peak of its precision (fp32, or
 bf16 for train.precision=bf16 rows where the CPU has AVX512-BF16 or AMX) measured just before and just after the row.
+Beside it, the same for the recurrent layers alone (their forward and backward, without the output layer): how close
+the kernel itself gets, so a step's shortfall can be told apart from the kernel's.
 Training runs with `train.keep_freed_memory` in effect, as `charrnn train` on a CPU does.
 """
 
@@ -39,7 +41,7 @@ def current_rss_bytes() -> int:
 
 
 def train_flops_per_char(cell: str, embed: int, hidden: int, layers: int, vocab: int) -> float:
-    """Training FLOPs per character, by the formula in the module docstring."""
+    """Training FLOPs per character, by the formula in the module docstring (vocab=0: the recurrent layers alone)."""
     g = GATES[cell]
     fwd = sum(2 * g * hidden * ((embed if l == 0 else hidden) + hidden) for l in range(layers)) + 2 * hidden * vocab
     return 3.0 * fwd
@@ -123,13 +125,33 @@ def measure_training(config: str, steps: int, naive: bool, overrides: tuple = ()
         cps = t.n_seqs * t.n_steps / (ms / 1000)
         result = {"config": label or Path(config).stem, "precision": precision,
                   "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
-                  "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9}
+                  "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9,
+                  "layers_gflops": _layers_alone_gflops(m, t, steps, trainer.net.head.weight.dtype)}
         if naive:
             for kind in ("module", "cell"):
                 result[f"naive_{kind}_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2),
                                                                      precision, kind)
         result["peak_rss_mb"] = peak_rss_mb()
         return result
+
+
+def _layers_alone_gflops(m, t, steps: int, dtype) -> float:
+    """GFLOP/s of the recurrent module alone (forward and backward of an nn.LSTM/GRU/RNN at the row's sizes and
+    dtype, no dropout): about what a training step, which spends most of its time there, could reach."""
+    import torch
+
+    from .model import CELLS
+
+    rnn = CELLS[m.cell](m.embed_size, m.hidden_size, num_layers=m.num_layers, batch_first=True).to(dtype)
+    x = torch.randn(t.n_seqs, t.n_steps, m.embed_size, dtype=dtype, requires_grad=True)
+    grad = torch.randn(t.n_seqs, t.n_steps, m.hidden_size, dtype=dtype)
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        rnn(x)[0].backward(grad)
+        times.append(time.perf_counter() - t0)
+    cps = t.n_seqs * t.n_steps / statistics.median(times[2:])
+    return train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, 0) * cps / 1e9
 
 
 def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str) -> float:
@@ -193,15 +215,16 @@ def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str) 
     return t.n_seqs * t.n_steps / statistics.median(times[1:])
 
 
-def measure_sampling(config: str, streams: int, length: int, repeats: int = 3) -> dict:
-    """chars/s generating `length` characters for `streams` streams together from a model of `config`'s size, the
-    median of `repeats` runs."""
+def measure_sampling(config: str, streams: int, length: int, repeats: int = 3, overrides: tuple = (),
+                     label: str = "") -> dict:
+    """chars/s generating `length` characters for `streams` streams together from a model of `config`'s size (with
+    `overrides`), the median of `repeats` runs."""
     import torch
 
     from .config import load_config
     from .model import CharRNN, ModelArgs, generate
 
-    cfg = load_config(config)
+    cfg = load_config(config, list(overrides))
     torch.manual_seed(0)
     model = CharRNN(ModelArgs(vocab_size=80, **{k: getattr(cfg.model, k) for k in
                                                 ("cell", "embed_size", "hidden_size", "num_layers", "dropout")}))
@@ -213,7 +236,8 @@ def measure_sampling(config: str, streams: int, length: int, repeats: int = 3) -
         t0 = time.perf_counter()
         generate(model, prime, length, 1.0, 0, gen)
         rates.append(streams * length / (time.perf_counter() - t0))
-    return {"config": Path(config).stem, "streams": streams, "chars_s": statistics.median(rates)}
+    return {"config": label or Path(config).stem, "shape": f"{cfg.model.num_layers}x{cfg.model.hidden_size}",
+            "streams": streams, "chars_s": statistics.median(rates)}
 
 
 def measure_corpus_rss(n_chars: int) -> dict:
@@ -310,9 +334,10 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
             training("andersen.yaml", steps=steps, naive=True, overrides=toy, precision=precision),
             training("anna.yaml", steps=max(2, steps // 2), naive=True, overrides=toy, precision=precision),
         ]
-    sample_rows = [measure("measure_sampling", config=str(cfgs / f"{name}.yaml"), streams=s,
-                            length=20 if quick else 2000 if s == 1 else 400, repeats=1 if quick else 3)
-                   for name in ("andersen", "anna") for s in (1, 64)]
+    sampled = [("andersen", (), ""), ("andersen", ("model.hidden_size=256",), "2x256"), ("anna", (), "")]
+    sample_rows = [measure("measure_sampling", config=str(cfgs / f"{name}.yaml"), streams=s, overrides=ov,
+                           label=label, length=20 if quick else 2000 if s == 1 else 400, repeats=1 if quick else 3)
+                   for name, ov, label in sampled for s in (1, 64)]
     enc = measure("measure_encoding", n_chars=1_000_000 if quick else 100_000_000)
     small, large = (200_000, 2_000_000) if quick else (2_000_000, 50_000_000)
     rss_small, rss_large = (measure("measure_corpus_rss", n_chars=n) for n in (small, large))
@@ -327,21 +352,22 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
     for name, g in mm["gflops"].items():
         lines.append(f"| {name} matmul {mm['n']}x{mm['n']} (median) | {g:.1f} GFLOP/s |")
     lines += ["", "| training | precision | shape | ms/step | chars/s | GFLOP/s | matmul peak alongside "
-              "| % of that peak | naive: module per char, chars/s | speed-up | naive: cell per char, chars/s "
-              "| speed-up | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| % of that peak | recurrent layers alone, % of peak | naive: module per char, chars/s | speed-up "
+              "| naive: cell per char, chars/s | speed-up | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in train_rows:
         naive = [r.get(f"naive_{kind}_chars_s") for kind in ("module", "cell")]
         naive_cols = " | ".join(f"{n:,.0f} | {r['chars_s'] / n:.2f}x" if n else "- | -" for n in naive)
         lines.append(f"| {r['config']} | {r['precision']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} "
                      f"| {r['gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['gflops'] / r['peak_gflops']:.0f}% "
-                     f"| {naive_cols} | {r['peak_rss_mb']:.0f} |")
+                     f"| {100 * r['layers_gflops'] / r['peak_gflops']:.0f}% | {naive_cols} | {r['peak_rss_mb']:.0f} |")
     fp32 = {r["config"]: r["chars_s"] for r in train_rows if r["precision"] == "fp32"}
     ratios = [f"{r['config']} {r['chars_s'] / fp32[r['config']]:.2f}x" for r in train_rows if r["precision"] == "bf16"]
     if ratios:
         lines += ["", f"train.precision=bf16 over fp32, chars/s: {', '.join(ratios)}."]
-    lines += ["", "| sampling | streams | chars/s |", "|---|---|---|"]
+    lines += ["", "| sampling | shape | streams | chars/s |", "|---|---|---|---|"]
     for r in sample_rows:
-        lines.append(f"| {r['config']} | {r['streams']} | {r['chars_s']:,.0f} |")
+        lines.append(f"| {r['config']} | {r['shape']} | {r['streams']} | {r['chars_s']:,.0f} |")
     lines += ["", "| data | value |", "|---|---|",
               f"| encode {enc['chars'] / 1e6:.0f} MB synthetic text (build vocab + encode) | {enc['seconds']:.2f} s |",
               f"| ids dtype | {enc['dtype']} |",

@@ -43,10 +43,12 @@ def test_quick_run_measures_every_path():
     assert set(rows) == ({"fp32", "bf16"} if native_bf16(torch.device("cpu")) else {"fp32"})
     for row in rows.values():
         cells = [c.strip() for c in row.strip("|").split("|")]
-        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (4, 6, 8, 10))
-        assert chars_s > 0 and peak > 0 and naive_module > 0 and naive_cell > 0
+        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (4, 6, 9, 11))
+        layers_alone = float(cells[8].rstrip("%"))
+        assert chars_s > 0 and peak > 0 and layers_alone > 0 and naive_module > 0 and naive_cell > 0
     assert ("train.precision=bf16 over fp32" in report) == ("bf16" in rows)
-    assert re.search(r"\| andersen \| 64 \| [\d,]+ \|", report)
+    for sampled in ("andersen", "2x256", "anna"):
+        assert re.search(rf"\| {sampled} \| 2x\d+ \| 64 \| [\d,]+ \|", report), sampled
 
 
 def test_precision_check_script_trains_both_ways(tmp_path):
