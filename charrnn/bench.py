@@ -159,9 +159,10 @@ def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str) 
     of two ways. `module` (spro/char-rnn.pytorch): the model itself on one-step sequences, each call running the
     embedding, the recurrent module (oneDNN's whole-sequence kernel, for one step) and the output layer. `cell`: an
     nn.LSTMCell (GRUCell, RNNCell) per layer, as many tutorials write it: faster than `module` on a CPU, where one
-    oneDNN call costs more than a cell's few ops. Both sum the loss per step and use our optimizer
-    (`train.make_optimizer`) and gradient clipping; no dropout (its masks would only slow them); in bf16 the whole
-    model is bfloat16 (no master weights)."""
+    oneDNN call costs more than a cell's few ops. Both apply the config's dropout as a port would, with PyTorch's
+    own (the module's between its layers, nn.Dropout between cells and before the output layer), sum the loss per
+    step, and use our optimizer (`train.make_optimizer`) and gradient clipping; in bf16 the whole model is bfloat16
+    (no master weights)."""
     import torch
     from torch import nn
 
@@ -169,11 +170,11 @@ def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str) 
     from .train import make_optimizer
 
     model = CharRNN(ModelArgs(vocab_size=vocab, cell=m.cell, embed_size=m.embed_size, hidden_size=m.hidden_size,
-                              num_layers=m.num_layers))
+                              num_layers=m.num_layers, dropout=m.dropout))
     if kind == "module":
         def one_char(x, state):
-            logits, state = model(x[:, None], state)
-            return logits[:, 0], state
+            out, state = model.rnn(model.embed(x[:, None]), state if m.cell == "lstm" else state[0])
+            return model.head(model.drop(out[:, 0])), state if m.cell == "lstm" else (state,)
 
         start = model.init_state
     else:
@@ -183,11 +184,11 @@ def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str) 
 
         def one_char(x, state):
             inp, new = model.embed(x), []
-            for layer, s in zip(model.rnn, state):
-                s = layer(inp, s)
+            for i, (layer, s) in enumerate(zip(model.rnn, state)):
+                s = layer(model.drop(inp) if i else inp, s)
                 inp = s[0] if isinstance(s, tuple) else s
                 new.append(s)
-            return model.head(inp), new
+            return model.head(model.drop(inp)), new
 
         def start(batch):
             zeros = model.head.weight.new_zeros
