@@ -10,7 +10,8 @@ FLOPs per character (H hidden size, I layer input size, V vocabulary, per layer 
 Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the matmul peak of its precision (fp32, or
 bf16 for train.precision=bf16 rows where the CPU has AVX512-BF16 or AMX) measured just before and just after the row.
 Beside it, the same for the recurrent layers alone (their forward and backward, without the output layer): how close
-the kernel itself gets, so a step's shortfall can be told apart from the kernel's.
+the kernel itself gets, so a step's shortfall can be told apart from the kernel's; and for the matrix products those
+layers are made of, each run alone: how close any kernel built on this matmul could get.
 Training runs with `train.keep_freed_memory` in effect, as `charrnn train` on a CPU does.
 """
 
@@ -123,10 +124,12 @@ def measure_training(config: str, steps: int, naive: bool, overrides: tuple = ()
         m = cfg.model
         flops = train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, len(trainer.vocab))
         cps = t.n_seqs * t.n_steps / (ms / 1000)
-        result = {"config": label or Path(config).stem, "precision": precision,
+        layer_flops = train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, 0)
+        result = {"config": label or Path(config).stem, "precision": precision, "layer_flops": layer_flops,
                   "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
                   "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9,
-                  "layers_gflops": _layers_alone_gflops(m, t, steps, trainer.net.head.weight.dtype)}
+                  "layers_gflops": _layers_alone_gflops(m, t, steps, trainer.net.head.weight.dtype),
+                  "products_gflops": _products_alone_gflops(m, t, steps, trainer.net.head.weight.dtype)}
         if naive:
             for kind in ("module", "cell"):
                 result[f"naive_{kind}_chars_s"] = _naive_chars_per_s(m, len(trainer.vocab), t, max(2, steps // 2),
@@ -151,6 +154,53 @@ def _layers_alone_gflops(m, t, steps: int, dtype) -> float:
         rnn(x)[0].backward(grad)
         times.append(time.perf_counter() - t0)
     cps = t.n_seqs * t.n_steps / statistics.median(times[2:])
+    return train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, 0) * cps / 1e9
+
+
+def layer_products(m, t, dtype):
+    """A function that runs the matrix products the recurrent layers' forward and backward are made of, each as one
+    torch.mm into a preallocated output and nothing else: per layer the input projection over all time steps, one
+    recurrent product per step forward and one per step backward, then the input gradient and the two weight
+    gradients over all steps. A kernel whose pointwise work (gates, cell state) cost nothing could go no faster than
+    these, at these shapes, on this machine's matmul. Their FLOPs are the formula's for the layers."""
+    import torch
+
+    n, b, h, g = t.n_steps * t.n_seqs, t.n_seqs, m.hidden_size, GATES[m.cell] * m.hidden_size
+
+    def rand(*shape):
+        return torch.randn(*shape).mul_(0.1).to(dtype)
+
+    layers = []
+    for l in range(m.num_layers):
+        i = m.embed_size if l == 0 else h
+        layers.append({"x": rand(n, i), "w_ih": rand(g, i), "w_hh": rand(g, h), "hs": rand(t.n_steps, b, h),
+                       "gates": rand(t.n_steps, b, g), "dh": rand(t.n_steps, b, h), "dx": rand(n, i),
+                       "dw_ih": rand(g, i), "dw_hh": rand(g, h)})
+
+    def products():
+        for p in layers:
+            w_ih_t, w_hh_t, gates = p["w_ih"].t(), p["w_hh"].t(), p["gates"].view(n, g)
+            torch.mm(p["x"], w_ih_t, out=gates)
+            for s in range(t.n_steps):
+                torch.mm(p["hs"][s], w_hh_t, out=p["gates"][s])
+            for s in range(t.n_steps):
+                torch.mm(p["gates"][s], p["w_hh"], out=p["dh"][s])
+            torch.mm(gates, p["w_ih"], out=p["dx"])
+            torch.mm(gates.t(), p["x"], out=p["dw_ih"])
+            torch.mm(gates.t(), p["hs"].view(n, h), out=p["dw_hh"])
+
+    return products
+
+
+def _products_alone_gflops(m, t, steps: int, dtype) -> float:
+    """GFLOP/s of `layer_products` at the row's sizes and dtype, the median of `steps` runs."""
+    products = layer_products(m, t, dtype)
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        products()
+        times.append(time.perf_counter() - t0)
+    cps = t.n_steps * t.n_seqs / statistics.median(times[2:])
     return train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, 0) * cps / 1e9
 
 
@@ -353,15 +403,21 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
     for name, g in mm["gflops"].items():
         lines.append(f"| {name} matmul {mm['n']}x{mm['n']} (median) | {g:.1f} GFLOP/s |")
     lines += ["", "| training | precision | shape | ms/step | chars/s | GFLOP/s | matmul peak alongside "
-              "| % of that peak | recurrent layers alone, % of peak | naive: module per char, chars/s | speed-up "
-              "| naive: cell per char, chars/s | speed-up | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| % of that peak | recurrent layers alone, % of peak | their matrix products alone, % of peak "
+              "| naive: module per char, chars/s | speed-up | naive: cell per char, chars/s | speed-up | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in train_rows:
         naive = [r.get(f"naive_{kind}_chars_s") for kind in ("module", "cell")]
         naive_cols = " | ".join(f"{n:,.0f} | {r['chars_s'] / n:.2f}x" if n else "- | -" for n in naive)
         lines.append(f"| {r['config']} | {r['precision']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} "
                      f"| {r['gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['gflops'] / r['peak_gflops']:.0f}% "
-                     f"| {100 * r['layers_gflops'] / r['peak_gflops']:.0f}% | {naive_cols} | {r['peak_rss_mb']:.0f} |")
+                     f"| {100 * r['layers_gflops'] / r['peak_gflops']:.0f}% "
+                     f"| {100 * r['products_gflops'] / r['peak_gflops']:.0f}% | {naive_cols} | {r['peak_rss_mb']:.0f} |")
+    bounds = [f"{r['config']} {r['precision']} {products_bound(r):.2f}x" for r in train_rows
+              if r.get("naive_module_chars_s")]
+    if bounds:
+        lines += ["", "Lead over the module loop if the recurrent layers cost only their matrix products (the step, less "
+                  f"the layers alone, plus their products alone): {', '.join(bounds)}."]
     fp32 = {r["config"]: r["chars_s"] for r in train_rows if r["precision"] == "fp32"}
     ratios = [f"{r['config']} {r['chars_s'] / fp32[r['config']]:.2f}x" for r in train_rows if r["precision"] == "bf16"]
     if ratios:
@@ -376,6 +432,14 @@ def run(quick: bool = False, configs_dir: str = "configs") -> str:
               f"| RSS per corpus character while training (slope {small / 1e6:g}M -> {large / 1e6:g}M chars) "
               f"| {bytes_per_char:.2f} B |"]
     return "\n".join(lines) + "\n"
+
+
+def products_bound(row: dict) -> float:
+    """The speed-up over the module-per-character loop that a training row would reach if its recurrent layers took
+    only the time of their matrix products alone: a ceiling for any faster LSTM kernel built on this matmul."""
+    per_char = (1 / row["chars_s"] - row["layer_flops"] / (row["layers_gflops"] * 1e9)
+                + row["layer_flops"] / (row["products_gflops"] * 1e9))
+    return 1 / per_char / row["naive_module_chars_s"]
 
 
 def write_report(report: str, path: str | Path, command: str) -> None:

@@ -4,8 +4,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from charrnn import bench
 from charrnn.model import native_bf16
@@ -21,6 +24,24 @@ def test_flop_formula_counts_gates_and_output_layer():
     # a second layer reads H inputs: + 2*4*3*(3+3) = 144 forward
     assert bench.train_flops_per_char("lstm", 2, 3, 2, 5) == 3 * (150 + 144)
     assert bench.train_flops_per_char("gru", 2, 3, 1, 5) == 3 * (2 * 3 * 3 * 5 + 30)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_layer_products_do_the_formulas_flops(cell):
+    # E=6, H=8, 2 layers, B=3, T=5: the products a kernel cannot avoid are exactly the layers' training FLOPs
+    m = SimpleNamespace(cell=cell, embed_size=6, hidden_size=8, num_layers=2)
+    t = SimpleNamespace(n_seqs=3, n_steps=5)
+    with FlopCounterMode(display=False) as counter:
+        bench.layer_products(m, t, torch.float32)()
+    assert counter.get_total_flops() == bench.train_flops_per_char(cell, 6, 8, 2, 0) * 3 * 5
+
+
+def test_products_bound_replaces_the_layers_time_by_the_products_time():
+    # a step of 10 us per char, 6 of them in layers that do 3e5 FLOPs per char (50 GFLOP/s); at the products' 100
+    # GFLOP/s they would take 3 us: 7 us per char; against a loop of 20,000 chars/s that is a 7.14x lead
+    row = {"chars_s": 1e5, "layer_flops": 3e5, "layers_gflops": 50.0, "products_gflops": 100.0,
+           "naive_module_chars_s": 2e4}
+    assert bench.products_bound(row) == pytest.approx(1 / 7e-6 / 2e4)
 
 
 def test_write_report_replaces_only_the_generated_section(tmp_path):
@@ -43,9 +64,11 @@ def test_quick_run_measures_every_path():
     assert set(rows) == ({"fp32", "bf16"} if native_bf16(torch.device("cpu")) else {"fp32"})
     for row in rows.values():
         cells = [c.strip() for c in row.strip("|").split("|")]
-        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (4, 6, 9, 11))
-        layers_alone = float(cells[8].rstrip("%"))
-        assert chars_s > 0 and peak > 0 and layers_alone > 0 and naive_module > 0 and naive_cell > 0
+        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (4, 6, 10, 12))
+        layers_alone, products_alone = (float(cells[i].rstrip("%")) for i in (8, 9))
+        assert chars_s > 0 and peak > 0 and layers_alone > 0 and products_alone > 0
+        assert naive_module > 0 and naive_cell > 0
+    assert re.search(r"plus their products alone\): 2x128 grid fp32 \d+\.\d\dx", report)
     assert ("train.precision=bf16 over fp32" in report) == ("bf16" in rows)
     for sampled in ("andersen", "2x256", "anna"):
         assert re.search(rf"\| {sampled} \| 2x\d+ \| 64 \| [\d,]+ \|", report), sampled
