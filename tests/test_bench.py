@@ -53,10 +53,15 @@ def test_write_report_replaces_only_the_generated_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nnotes people wrote\n")
     assert "| a | 2 |" in text and "| a | 1 |" not in text
     assert text.count("<!-- bench:start -->") == 1
+    # a GPU run writes its own section and leaves the CPU table alone
+    bench.write_report("| g | 3 |\n", path, "python scripts/bench.py --device cuda", "bench-cuda")
+    text = path.read_text(encoding="utf-8")
+    assert "| a | 2 |" in text and "| g | 3 |" in text
+    assert text.index("<!-- bench:end -->") < text.index("<!-- bench-cuda:start -->")
 
 
 def test_quick_run_measures_every_path():
-    report = bench.run(quick=True, configs_dir=str(CONFIGS))
+    report = bench.run(quick=True, configs_dir=str(CONFIGS), grid=True)
     for needle in ("fp32 matmul", "| tiny |", "| 2x128 grid |", "| andersen |", "| anna |", "encode 1 MB",
                    "RSS per corpus character"):
         assert needle in report, needle
@@ -72,6 +77,18 @@ def test_quick_run_measures_every_path():
     assert ("train.precision=bf16 over fp32" in report) == ("bf16" in rows)
     for sampled in ("andersen", "2x256", "anna"):
         assert re.search(rf"\| {sampled} \| 2x\d+ \| 64 \| [\d,]+ \|", report), sampled
+    # torch-rnn's grid: a row per layer count and precision, ms per iteration for hidden 128, 256 and 512
+    for precision in {"fp32", "bf16"} if "bf16" in rows else {"fp32"}:
+        for layers in ("1 layer", "2 layers", "3 layers"):
+            assert re.search(rf"\| {layers} \| {precision} \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", report), layers
+
+
+def test_a_device_this_machine_lacks_is_a_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert bench.main(["--quick", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device" in err and "--device cpu" in err and "Traceback" not in err
 
 
 def test_precision_check_script_trains_both_ways(tmp_path):
