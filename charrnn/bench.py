@@ -44,9 +44,10 @@ def sync(device) -> None:
     """Wait for the device's queued work, so that a timer stopped after this call has timed it (a no-op on a CPU)."""
     import torch
 
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         torch.cuda.synchronize(device)
-    elif torch.device(device).type == "mps":
+    elif kind == "mps":
         torch.mps.synchronize()
 
 

@@ -10,6 +10,7 @@ import torch
 import charrnn
 from charrnn import bench, checkpoint
 from charrnn.config import load_config
+from charrnn.plot import read_metrics
 from charrnn.train import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -20,9 +21,7 @@ COMMON = {"train.device": "cuda", "model.num_layers": 2, "model.hidden_size": 32
 
 
 def losses(run_dir):
-    import json
-
-    return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in read_metrics(run_dir)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
