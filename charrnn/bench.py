@@ -158,8 +158,9 @@ def measure_training(config: str, steps: int, naive: bool, overrides: tuple = ()
                   "shape": f"{m.num_layers}x{m.hidden_size} B{t.n_seqs} T{t.n_steps}",
                   "ms_step": ms, "chars_s": cps, "gflops": flops * cps / 1e9}
         dtype, dev = trainer.net.head.weight.dtype, trainer.device
+        result["kernel"] = "charrnn" if trainer.net.uses_cpu_kernel(x) else "torch"
         if ceilings:
-            result["layers_gflops"] = _layers_alone_gflops(m, t, steps, dtype, dev)
+            result["layers_gflops"] = _layers_alone_gflops(m, t, steps, dtype, dev, t.kernel)
             result["products_gflops"] = _products_alone_gflops(m, t, steps, dtype, dev)
         if naive:
             for kind in ("module", "cell"):
@@ -169,21 +170,35 @@ def measure_training(config: str, steps: int, naive: bool, overrides: tuple = ()
         return result
 
 
-def _layers_alone_gflops(m, t, steps: int, dtype, device) -> float:
-    """GFLOP/s of the recurrent module alone (forward and backward of an nn.LSTM/GRU/RNN at the row's sizes and
-    dtype, no dropout): about what a training step, which spends most of its time there, could reach."""
+def _layers_alone_gflops(m, t, steps: int, dtype, device, kernel: str = "auto") -> float:
+    """GFLOP/s of the recurrent layers alone, as the row's training step runs them (forward and backward, no
+    dropout): charrnn's CPU kernel from the character ids where it applies (model.CharRNN.uses_cpu_kernel), else
+    the nn.LSTM/GRU/RNN module on embeddings. About what a training step, which spends most of its time there,
+    could reach."""
     import torch
 
-    from .model import CELLS
+    from .model import CharRNN, ModelArgs
 
-    rnn = CELLS[m.cell](m.embed_size, m.hidden_size, num_layers=m.num_layers, batch_first=True).to(device, dtype)
-    x = torch.randn(t.n_seqs, t.n_steps, m.embed_size, dtype=dtype, device=device, requires_grad=True)
-    grad = torch.randn(t.n_seqs, t.n_steps, m.hidden_size, dtype=dtype, device=device)
+    model = CharRNN(ModelArgs(vocab_size=80, cell=m.cell, embed_size=m.embed_size, hidden_size=m.hidden_size,
+                              num_layers=m.num_layers)).to(device, dtype)
+    model.kernel = kernel
+    ids = torch.randint(0, 80, (t.n_seqs, t.n_steps), device=device)
+    if model.uses_cpu_kernel(ids):
+        grad = torch.randn(t.n_steps, t.n_seqs, m.hidden_size, dtype=dtype, device=device)
+
+        def layers():
+            model._cpu_layers(ids, model.init_state(t.n_seqs), 0.0)[0].backward(grad)
+    else:
+        x = torch.randn(t.n_seqs, t.n_steps, m.embed_size, dtype=dtype, device=device, requires_grad=True)
+        grad = torch.randn(t.n_seqs, t.n_steps, m.hidden_size, dtype=dtype, device=device)
+
+        def layers():
+            model.rnn(x)[0].backward(grad)
     times = []
     for _ in range(steps + 2):
         sync(device)
         t0 = time.perf_counter()
-        rnn(x)[0].backward(grad)
+        layers()
         sync(device)
         times.append(time.perf_counter() - t0)
     cps = t.n_seqs * t.n_steps / statistics.median(times[2:])
@@ -433,6 +448,8 @@ def run(quick: bool = False, configs_dir: str = "configs", device: str = "cpu", 
         train_rows += [
             training("tiny.yaml", steps=steps, naive=True, overrides=grid_shape(2, 128), label="2x128 grid",
                      precision=precision),
+            *([training("tiny.yaml", steps=steps, naive=True, overrides=grid_shape(2, 128) + ("train.kernel=torch",),
+                        label="2x128 grid, train.kernel=torch")] if precision == "fp32" and dev.type == "cpu" else []),
             training("andersen.yaml", steps=steps, naive=True, overrides=toy, precision=precision),
             training("anna.yaml", steps=max(2, steps // 2), naive=True, overrides=toy, precision=precision),
         ]
@@ -462,15 +479,16 @@ def run(quick: bool = False, configs_dir: str = "configs", device: str = "cpu", 
              "| reference | value |", "|---|---|"]
     for name, g in mm["gflops"].items():
         lines.append(f"| {name} matmul {mm['n']}x{mm['n']} (median) | {g:.1f} GFLOP/s |")
-    lines += ["", "| training | precision | shape | ms/step | chars/s | GFLOP/s | matmul peak alongside "
+    lines += ["", "| training | precision | shape | LSTM kernel | ms/step | chars/s | GFLOP/s | matmul peak alongside "
               "| % of that peak | recurrent layers alone, % of peak | their matrix products alone, % of peak "
               "| naive: module per char, chars/s | speed-up | naive: cell per char, chars/s | speed-up "
               f"| {'peak CUDA memory MB' if dev.type == 'cuda' else 'peak RSS MB'} |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in train_rows:
         naive = [r.get(f"naive_{kind}_chars_s") for kind in ("module", "cell")]
         naive_cols = " | ".join(f"{n:,.0f} | {r['chars_s'] / n:.2f}x" if n else "- | -" for n in naive)
-        lines.append(f"| {r['config']} | {r['precision']} | {r['shape']} | {r['ms_step']:.1f} | {r['chars_s']:,.0f} "
+        lines.append(f"| {r['config']} | {r['precision']} | {r['shape']} | {r['kernel']} | {r['ms_step']:.1f} "
+                     f"| {r['chars_s']:,.0f} "
                      f"| {r['gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['gflops'] / r['peak_gflops']:.0f}% "
                      f"| {100 * r['layers_gflops'] / r['peak_gflops']:.0f}% "
                      f"| {100 * r['products_gflops'] / r['peak_gflops']:.0f}% "
@@ -478,8 +496,9 @@ def run(quick: bool = False, configs_dir: str = "configs", device: str = "cpu", 
     bounds = [f"{r['config']} {r['precision']} {products_bound(r):.2f}x" for r in train_rows
               if r.get("naive_module_chars_s")]
     if bounds:
-        lines += ["", "Lead over the module loop if the recurrent layers cost only their matrix products (the step, "
-                  f"less the layers alone, plus their products alone): {', '.join(bounds)}."]
+        lines += ["", "Lead over the module loop if the recurrent layers cost only their matrix products as torch.mm "
+                  "calls (the step, less the layers alone, plus their products alone): the ceiling of a kernel built "
+                  f"on torch's matmul, which charrnn's CPU kernel is not: {', '.join(bounds)}."]
     fp32 = {r["config"]: r["chars_s"] for r in train_rows if r["precision"] == "fp32"}
     ratios = [f"{r['config']} {r['chars_s'] / fp32[r['config']]:.2f}x" for r in train_rows if r["precision"] == "bf16"]
     if ratios:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, cpu_lstm
 from .config import config_from_dict
 from .errors import CharrnnError
 from .vocab import Vocab, show_chars
@@ -88,6 +88,7 @@ def environment() -> dict:
         "mps_available": mps,
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_lstm_kernel": cpu_lstm.unavailable() or "built",  # builds it if this is the first use
     }
 
 
@@ -98,5 +99,7 @@ def format_env(e: dict) -> str:
              else "not available (CPU-only torch build)"),
             ("cudnn", e["cudnn_version"] or "not available"),
             ("mps", "available" if e["mps_available"] else "not available"),
-            ("cpu", f"{e['cpu_threads']} torch threads, {e['cpu_count']} logical CPUs")]
+            ("cpu", f"{e['cpu_threads']} torch threads, {e['cpu_count']} logical CPUs"),
+            ("lstm", "charrnn's CPU kernel built" if e["cpu_lstm_kernel"] == "built" else
+             f"torch's kernel only: charrnn's CPU kernel cannot be built ({e['cpu_lstm_kernel'].splitlines()[0]})")]
     return "\n".join(f"{k:<8} {v}" for k, v in rows)

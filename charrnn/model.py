@@ -2,8 +2,9 @@
 
 Shape letters: B batch (parallel streams), T time steps, E embedding width, H hidden size, L layers, V vocabulary.
 Training calls the recurrent module once per (B, T) batch so the fused oneDNN/cuDNN kernels run (on a CPU with
-dropout, once per layer, so that our faster `dropout` goes between the layers); generation feeds one character per
-step and keeps the state, so each new character costs O(1) work.
+dropout, once per layer, so that our faster `dropout` goes between the layers), or, for an fp32 LSTM on a CPU
+where it is faster, charrnn's own kernel (cpu_lstm) with the same weights; generation feeds one character per step
+and keeps the state, so each new character costs O(1) work.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_lstm
 from .errors import UsageError
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -47,11 +49,16 @@ class CharRNN(nn.Module):
                                     dropout=args.dropout if args.num_layers > 1 else 0.0, batch_first=True)
         self.drop = nn.Dropout(args.dropout)
         self.head = nn.Linear(args.hidden_size, args.vocab_size)
+        self.kernel = "auto"  # train.kernel: "torch" keeps nn.LSTM even where charrnn's CPU kernel applies
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """x: (B, T) int64 ids -> logits (B, T, V) and the state after the last step."""
+        """x: (B, T) int64 ids -> logits (B, T, V) and the state after the last step. On charrnn's CPU kernel the
+        logits are a view of a time-major (T, B, V) tensor (train.flat_pairs lays them out for a loss)."""
+        p = self.args.dropout if self.training else 0.0
+        if self.uses_cpu_kernel(x):
+            out, new = self._cpu_layers(x, state or self.init_state(x.size(0)), p)  # (T, B, H)
+            return self.head(dropout(out, p) if p else out).transpose(0, 1), new  # a (B, T, V) view
         emb = self.embed(x)  # (B, T, E)
-        p = self.args.dropout
         if self.training and p and x.device.type == "cpu":  # the module's own dropout would draw masks slowly
             out, new = self._layers_with_dropout(emb, state or self.init_state(x.size(0)), p)
             return self.head(dropout(out, p)), new
@@ -77,6 +84,26 @@ class CharRNN(nn.Module):
                 x, *final = fn(x, state[0][layer:layer + 1], w, True, 1, 0.0, True, False, True)
             finals.append(final)
         return x, tuple(torch.cat(parts) for parts in zip(*finals))
+
+    def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a batch x (B, T) runs the LSTM on charrnn's CPU kernel (cpu_lstm) rather than torch's."""
+        return self.args.cell == "lstm" and self.kernel == "auto" and \
+            cpu_lstm.applies(x, self.head.weight, self.args.hidden_size)
+
+    def _cpu_layers(self, x: torch.Tensor, state: State, p: float) -> tuple[torch.Tensor, State]:
+        """The LSTM on charrnn's CPU kernel (cpu_lstm), time-major, with `dropout` between the layers: x (B, T) ids
+        -> outputs (T, B, H) and the final state. The first layer reads its input product from the embedding."""
+        weights, finals = self.rnn._flat_weights, []
+        out = ids = x.t().contiguous()
+        for layer in range(self.args.num_layers):
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer:4 * layer + 4]
+            h0, c0 = (s[layer] for s in state)
+            if layer:
+                out, h, c = cpu_lstm.lstm_layer(dropout(out, p) if p else out, w_ih, w_hh, b_ih + b_hh, h0, c0)
+            else:
+                out, h, c = cpu_lstm.lstm_layer(self.embed.weight, w_ih, w_hh, b_ih + b_hh, h0, c0, ids)
+            finals.append((h, c))
+        return out, tuple(torch.stack(parts) for parts in zip(*finals))
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> State:
         """Zero state for `batch` streams."""

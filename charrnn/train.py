@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, cpu_lstm
 from .config import RunConfig, config_from_dict
 from .data import Batcher, Corpus, known_items, split_ids
 from .errors import CharrnnError, UsageError
@@ -147,6 +147,14 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def flat_pairs(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, T, V) and targets (B, T) as rows (B*T, V) and (B*T,) for the loss, in the logits' memory order:
+    a time-major model output (charrnn's CPU kernel) then needs no copy, and a mean or sum does not mind the order."""
+    if not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous():
+        logits, y = logits.transpose(0, 1), y.t()
+    return logits.reshape(-1, logits.size(-1)), y.reshape(-1)
+
+
 @torch.no_grad()
 def stream_loss(model: CharRNN, batches, n_chars: int) -> float:
     """Mean loss in nats per character over (x, y) batches laid out as streams (a `Batcher`, maybe behind a progress
@@ -155,7 +163,7 @@ def stream_loss(model: CharRNN, batches, n_chars: int) -> float:
     state = None
     for x, y in batches:
         logits, state = model(x, state)  # (B, T, V)
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        total += F.cross_entropy(*flat_pairs(logits, y), reduction="sum")
     return total.item() / n_chars
 
 
@@ -232,6 +240,7 @@ class Trainer:
             keep_freed_memory()  # after reading the text, whose freed buffers should go back to the kernel
 
         self.model = CharRNN(ModelArgs(vocab_size=len(self.vocab), **dataclasses.asdict(cfg.model))).to(self.device)
+        self.model.kernel = t.kernel
         self.net = self.model  # what the steps run: the model itself, or its bfloat16 copy (train.precision=bf16)
         if t.precision == "bf16":
             if not native_bf16(self.device):
@@ -369,7 +378,8 @@ class Trainer:
             self.state = self.net.init_state(x.size(0), self.device)
         logits, state = self.net(x, self.state)  # (B, T, V)
         self.state = detach_state(state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        rows, targets = flat_pairs(logits, y)
+        loss = F.cross_entropy(rows.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.net is not self.model:
             self.net.zero_grad(set_to_none=True)
@@ -413,6 +423,15 @@ class Trainer:
     def done(self) -> bool:
         return self.budget_used() >= 1.0
 
+    def _kernel_note(self) -> str:
+        """Which kernel runs an fp32 LSTM on a CPU, for the start-up line: charrnn's, or torch's and why."""
+        if self.cfg.model.cell != "lstm" or self.device.type != "cpu" or self.net is not self.model:
+            return ""
+        if self.model.uses_cpu_kernel(self.train_data.batch(0)[0]):
+            return " (LSTM on charrnn's CPU kernel)"
+        why = cpu_lstm.unavailable() if self.cfg.train.kernel == "auto" else None
+        return f" (LSTM on torch's kernel: charrnn's could not be built: {why.splitlines()[0]})" if why else ""
+
     def fit(self) -> dict:
         """Train until the budget is spent, early stopping or a stop request (SIGINT, SIGTERM); evaluate and save
         at intervals and at the end. Returns the summary, also written to summary.json."""
@@ -420,7 +439,8 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._prepare_files()
         self.log(f"model: {self.cfg.model.cell} {self.cfg.model.num_layers}x{self.cfg.model.hidden_size}, "
-                 f"{self.model.num_params():,} parameters, vocab {len(self.vocab)}, device {self.device}; "
+                 f"{self.model.num_params():,} parameters, vocab {len(self.vocab)}, device {self.device}"
+                 f"{self._kernel_note()}; "
                  f"train {self.train_data.chars_per_epoch:,} chars "
                  f"({len(self.train_data)} batches/epoch), val {self.val_data.chars_per_epoch if self.val_data else 0:,}")
         self.model.train()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from charrnn import bench
+from charrnn import bench, cpu_lstm
 from charrnn.model import native_bf16
 from conftest import make_text
 
@@ -62,18 +62,20 @@ def test_write_report_replaces_only_the_generated_section(tmp_path):
 
 def test_quick_run_measures_every_path():
     report = bench.run(quick=True, configs_dir=str(CONFIGS), grid=True)
-    for needle in ("fp32 matmul", "| tiny |", "| 2x128 grid |", "| andersen |", "| anna |", "encode 1 MB",
-                   "RSS per corpus character"):
+    for needle in ("fp32 matmul", "| tiny |", "| 2x128 grid |", "| 2x128 grid, train.kernel=torch | fp32 | "
+                   "2x128 B4 T8 | torch |", "| andersen |", "| anna |", "encode 1 MB", "RSS per corpus character"):
         assert needle in report, needle
+    tiny = next(r for r in report.splitlines() if r.startswith("| tiny |"))
+    assert tiny.split("|")[4].strip() == ("torch" if cpu_lstm.unavailable() else "charrnn")  # 1x32 B8: 4 rows
     rows = {p: r for r in report.splitlines() for p in ("fp32", "bf16") if r.startswith(f"| andersen | {p} |")}
     assert set(rows) == ({"fp32", "bf16"} if native_bf16(torch.device("cpu")) else {"fp32"})
     for row in rows.values():
         cells = [c.strip() for c in row.strip("|").split("|")]
-        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (4, 6, 10, 12))
-        layers_alone, products_alone = (float(cells[i].rstrip("%")) for i in (8, 9))
+        chars_s, peak, naive_module, naive_cell = (float(cells[i].replace(",", "")) for i in (5, 7, 11, 13))
+        layers_alone, products_alone = (float(cells[i].rstrip("%")) for i in (9, 10))
         assert chars_s > 0 and peak > 0 and layers_alone > 0 and products_alone > 0
         assert naive_module > 0 and naive_cell > 0
-    assert re.search(r"plus their products alone\): 2x128 grid fp32 \d+\.\d\dx", report)
+    assert re.search(r"which charrnn.s CPU kernel is not: 2x128 grid fp32 \d+\.\d\dx", report)
     assert ("train.precision=bf16 over fp32" in report) == ("bf16" in rows)
     for sampled in ("andersen", "2x256", "anna"):
         assert re.search(rf"\| {sampled} \| 2x\d+ \| 64 \| [\d,]+ \|", report), sampled
