@@ -98,7 +98,7 @@ class TrainConfig:
     seed: int = 1337  # seeds torch and python RNGs: the same seed gives the same run
     device: str = "auto"  # auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)
     precision: str = "fp32"  # fp32 | bf16: bf16 computes the steps in bfloat16 over fp32 master weights
-    kernel: str = "auto"  # auto | torch: auto runs an fp32 LSTM on a CPU with charrnn's own kernel where it applies
+    kernel: str = "auto"  # auto | torch: auto runs an fp32 LSTM on an AVX-512 CPU with charrnn's kernel where faster
 
     def __post_init__(self):
         _check(self.n_seqs >= 1, "train.n_seqs", "must be >= 1", self.n_seqs)

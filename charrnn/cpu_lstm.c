@@ -5,11 +5,14 @@
    register-blocked below, with the gate nonlinearities applied to its output while it is still in cache; the
    backward loop also gives the layer's input gradient, step by step. The weight gradients, large products over
    all steps, stay with torch. */
+#ifndef __AVX512F__
+#error "charrnn's CPU LSTM kernel is written for AVX-512, which this CPU or compiler lacks"
+#endif
+#include <immintrin.h>
 #include <omp.h>
 #include <stddef.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int v16i __attribute__((vector_size(64), aligned(4)));
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* one AVX-512 register; loads need no alignment */
 
 static inline v16 ld(const float *p) { return *(const v16 *)p; }
 static inline void st(float *p, v16 v) { *(v16 *)p = v; }
@@ -72,40 +75,24 @@ void pack_panels(int K, int N, const float *src, long sk, long sn, float *dst) {
 }
 
 /* exp, sigmoid and tanh on 16 floats to ~2e-7 relative error: Cody-Waite range reduction to f = x - n ln 2,
-   |f| <= ln(2)/2, and Cephes' expf polynomial for e^f; with AVX-512, scalef for the 2^n and a refined reciprocal
-   estimate instead of a division. */
-static inline v16 exp_reduced(v16 x, v16 n) {
-    v16 f = x - n * 0.693359375f + n * 2.12194440e-4f;
+   |f| <= ln(2)/2, Cephes' expf polynomial for e^f, scalef for the 2^n, and a refined reciprocal estimate instead
+   of a division. */
+static inline v16 vexp(v16 x) {
+    __m512 v = _mm512_max_ps(_mm512_min_ps((__m512)x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v16 f = (v16)v - (v16)n * 0.693359375f + (v16)n * 2.12194440e-4f;
     v16 p = f * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * f + 8.3334519073e-3f;
     p = p * f + 4.1665795894e-2f;
     p = p * f + 1.6666665459e-1f;
     p = p * f + 5.0000001201e-1f;
-    return p * f * f + f + 1.0f;
-}
-#ifdef __AVX512F__
-#include <immintrin.h>
-static inline v16 vexp(v16 x) {
-    __m512 v = _mm512_max_ps(_mm512_min_ps((__m512)x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return (v16)_mm512_scalef_ps((__m512)exp_reduced((v16)v, (v16)n), n);
+    return (v16)_mm512_scalef_ps((__m512)(p * f * f + f + 1.0f), n);
 }
 static inline v16 vrcp(v16 d) {
     v16 r = (v16)_mm512_rcp14_ps((__m512)d);
     return r * (2.0f - d * r);
 }
-#else
-static inline v16 vsel(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
-static inline v16 vexp(v16 x) {
-    x = vsel(x > 88.0f, (v16){0} + 88.0f, x);
-    x = vsel(x < -87.0f, (v16){0} - 87.0f, x);
-    v16 t = x * 1.44269504088896341f + 12582912.0f;  /* 1.5 * 2^23: rounds x * log2(e) to an integer */
-    v16 n = t - 12582912.0f;
-    return (v16)((v16i)exp_reduced(x, n) + (((v16i)t - 0x4B400000) << 23));  /* adds n to the exponent */
-}
-static inline v16 vrcp(v16 d) { return 1.0f / d; }
-#endif
 static inline v16 vsigm(v16 x) { return vrcp(1.0f + vexp(-x)); }
 static inline v16 vtanh(v16 x) { return 2.0f * vrcp(1.0f + vexp(-2.0f * x)) - 1.0f; }
 

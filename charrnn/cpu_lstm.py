@@ -1,6 +1,6 @@
-"""charrnn's own LSTM layers for float32 on a CPU: the time loop of cpu_lstm.c, compiled on first use with the
-machine's C compiler (OpenMP, -march=native) and cached; where it cannot be built or does not apply, the model
-runs torch's nn.LSTM (oneDNN) instead, with the same weights and results to float rounding.
+"""charrnn's own LSTM layers for float32 on a CPU with AVX-512: the time loop of cpu_lstm.c, compiled on first use
+with the machine's C compiler (OpenMP, -march=native) and cached; where it cannot be built or does not apply, the
+model runs torch's nn.LSTM (oneDNN) instead, with the same weights and results to float rounding.
 
 Why: at the sizes char-rnn trains on a laptop, oneDNN's LSTM spends most of a step between its small per-step
 matrix products, and no kernel made of torch calls does better (docs/benchmarks.md). Here each thread runs its
@@ -65,6 +65,9 @@ def _cpu_id() -> str:
 def build(cflags: list[str] = CFLAGS, cc: str | None = None, out_dir: Path | None = None) -> Path:
     """Compile cpu_lstm.c into a shared library in the cache (once per source, compiler, flags and CPU) and return
     its path. Raises BuildError with the compiler's message if there is no compiler or it fails."""
+    cpu = _cpu_id()
+    if "flags" in cpu and " avx512f" not in cpu:
+        raise BuildError("this CPU has no AVX-512, which the kernel is written for")
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise BuildError("no C compiler found (set CC, or install gcc)")
@@ -73,7 +76,7 @@ def build(cflags: list[str] = CFLAGS, cc: str | None = None, out_dir: Path | Non
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"cannot run the C compiler {cc}: {e}") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *cflags, *link, _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *cflags, *link, cpu]).encode())
     out_dir = out_dir or cache_dir()
     target = out_dir / f"cpu_lstm-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -87,7 +90,9 @@ def build(cflags: list[str] = CFLAGS, cc: str | None = None, out_dir: Path | Non
             except (OSError, subprocess.SubprocessError) as e:
                 raise BuildError(f"{' '.join(cmd)}: {e}") from None
             if done.returncode:
-                raise BuildError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+                lines = done.stderr.strip().splitlines() or ["(no message)"]
+                first = next((line for line in lines if "error" in line), lines[-1])
+                raise BuildError(f"{cc} failed: {first.strip()}\n{' '.join(cmd)}\n{done.stderr.strip()}")
         os.replace(lib, target)  # atomic: a concurrent build writes the same bytes
     return target
 
