@@ -11,8 +11,11 @@ Achieved GFLOP/s = training FLOPs per char * chars/s, reported as a % of the mat
 bf16 for train.precision=bf16 rows where the CPU has AVX512-BF16 or AMX) measured just before and just after the row.
 Beside it, the same for the recurrent layers alone (their forward and backward, without the output layer): how close
 the kernel itself gets, so a step's shortfall can be told apart from the kernel's; and for the matrix products those
-layers are made of, each run alone: how close any kernel built on this matmul could get.
-Training runs with `train.keep_freed_memory` in effect, as `charrnn train` on a CPU does.
+layers are made of, each run alone as torch.mm calls: how close any kernel built on torch's matmul could get.
+The LSTM kernel column says which kernel the row's step runs: charrnn's CPU kernel (cpu_lstm) or torch's. The first
+layer on charrnn's kernel looks its input product up in a table instead of computing it, so its rows count model
+FLOPs, more than the machine does. Training runs with `train.keep_freed_memory` in effect, as `charrnn train` on a
+CPU does.
 
 `--device cuda` measures the same training and sampling rows on a GPU (timers wait for the device; memory is the
 peak torch allocated there), and writes its own section of docs/benchmarks.md; the data rows measure the host and
