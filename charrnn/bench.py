@@ -197,11 +197,17 @@ def _layers_alone_gflops(m, t, steps: int, dtype, device, kernel: str = "auto") 
 
         def layers():
             model.rnn(x)[0].backward(grad)
+    return _layer_gflops(layers, m, t, steps, device)
+
+
+def _layer_gflops(run, m, t, steps: int, device) -> float:
+    """The recurrent layers' training FLOPs per second when `run()` does one batch's worth of them: the median of
+    `steps` timed runs after two warm-up ones."""
     times = []
     for _ in range(steps + 2):
         sync(device)
         t0 = time.perf_counter()
-        layers()
+        run()
         sync(device)
         times.append(time.perf_counter() - t0)
     cps = t.n_seqs * t.n_steps / statistics.median(times[2:])
@@ -245,16 +251,7 @@ def layer_products(m, t, dtype, device="cpu"):
 
 def _products_alone_gflops(m, t, steps: int, dtype, device) -> float:
     """GFLOP/s of `layer_products` at the row's sizes and dtype, the median of `steps` runs."""
-    products = layer_products(m, t, dtype, device)
-    times = []
-    for _ in range(steps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        products()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    cps = t.n_steps * t.n_seqs / statistics.median(times[2:])
-    return train_flops_per_char(m.cell, m.embed_size, m.hidden_size, m.num_layers, 0) * cps / 1e9
+    return _layer_gflops(layer_products(m, t, dtype, device), m, t, steps, device)
 
 
 def _naive_chars_per_s(m, vocab: int, t, steps: int, precision: str, kind: str, device) -> float:
